@@ -1,0 +1,183 @@
+"""Read the text form of `mxc.ir.printer` back into a `Graph`.
+
+    g2 = parse(str(g))          # str(g2) == str(g); weights come from `weights=`
+    g2 = parse(text, weights=g.weights)
+
+Errors name the line number, the line and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping
+
+import torch
+
+from .dtypes import DTYPES
+from .formats import is_format_text, parse_format, parse_layout
+from .graph import DEVICE, DimRange, Graph, Node, Ref, TorchConst, Value
+from .types import TensorType, parse_expr, parse_type, split_top
+
+
+class ParseError(ValueError):
+    """Malformed IR text: says where and what was expected."""
+
+
+_INT = re.compile(r"-?\d+")
+_FLOAT = re.compile(r"-?(\d+\.\d*|\d*\.\d+|\d+)(e[-+]?\d+)?|-?inf|nan")
+_KEYWORDS: dict[str, Any] = {"true": True, "false": False, "none": None, "device": DEVICE}
+
+
+def parse_attr(text: str) -> Any:
+    """One attribute value from its text (see `mxc.ir.printer.format_attr`)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty attribute value")
+    if text in _KEYWORDS:
+        return _KEYWORDS[text]
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    if text[0] == '"':
+        return json.loads(text)
+    if text[0] == "[":
+        _closing(text, "]")
+        return tuple(parse_attr(p) for p in split_top(text[1:-1]))
+    if text[0] == "{":
+        _closing(text, "}")
+        out = {}
+        for item in split_top(text[1:-1]):
+            key, val = split_top(item, ":")
+            out[json.loads(key)] = parse_attr(val)
+        return out
+    if text[0] == "$":
+        return Ref(int(text[1:]))
+    if text.startswith("torch."):
+        return TorchConst(text[len("torch.") :])
+    if text in DTYPES:
+        return DTYPES[text]
+    if text.startswith("packed<"):
+        return parse_layout(text)
+    if is_format_text(text):
+        return parse_format(text)
+    return parse_expr(text)
+
+
+def _closing(text: str, close: str) -> None:
+    if not text.endswith(close):
+        raise ValueError(f"unbalanced {text[0]} in {text!r}")
+
+
+_HEADER = re.compile(r"graph @([\w.\-]+)\((.*)\) \{")
+_ARG = re.compile(r"%([A-Za-z_][\w.]*): (.+)")
+_DIM = re.compile(r"dim ([A-Za-z_]\w*) in \[(\d+), (\d+|oo)\]")
+_NODE = re.compile(r"%(\d+)(?::(\d+))? = (\w+)\(([^)]*)\)(.*)")
+_REF = re.compile(r"%([\w.]+?)(?:#(\d+))?")
+
+
+def _split_rest(rest: str) -> tuple[str | None, str, str | None]:
+    """Split what follows `op(...)` into the attribute block, the types and the location."""
+    rest = rest.strip()
+    attrs = None
+    if rest.startswith("{"):
+        depth, quote, i = 0, False, 0
+        while i < len(rest):
+            c = rest[i]
+            if quote:
+                if c == "\\":
+                    i += 1
+                elif c == '"':
+                    quote = False
+            elif c == '"':
+                quote = True
+            elif c in "{[(":
+                depth += 1
+            elif c in "}])":
+                depth -= 1
+                if depth == 0:
+                    break
+            i += 1
+        attrs, rest = rest[1:i], rest[i + 1 :].strip()
+    if not rest.startswith(": "):
+        raise ValueError("expected ' : TYPE' after the operands and attributes")
+    rest = rest[2:]
+    loc = None
+    if (m := re.search(r' loc\(("(?:[^"\\]|\\.)*")\)$', rest)) is not None:
+        loc, rest = json.loads(m[1]), rest[: m.start()]
+    return attrs, rest, loc
+
+
+def _parse_types(text: str) -> tuple[TensorType, ...]:
+    text = text.strip()
+    if text.startswith("("):
+        return tuple(parse_type(t) for t in split_top(text[1:-1]))
+    return (parse_type(text),)
+
+
+def parse(text: str, *, weights: Mapping[str, torch.Tensor] | None = None) -> Graph:
+    """The graph that `text` prints. `weights` supplies the tensors `const` nodes name."""
+    lines = [(i + 1, ln.strip()) for i, ln in enumerate(text.splitlines())]
+    lines = [(i, ln) for i, ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise ParseError("empty IR text: expected 'graph @name(...) {'")
+    lineno, first = lines[0]
+    m = _HEADER.fullmatch(first)
+    if m is None:
+        raise ParseError(f"line {lineno}: expected 'graph @name(%arg: TYPE, ...) {{', got {first!r}")
+    env: dict[str, Node] = {}
+    inputs: list[Node] = []
+    for i, arg in enumerate(split_top(m[2]) if m[2].strip() else []):
+        am = _ARG.fullmatch(arg)
+        if am is None:
+            raise ParseError(f"line {lineno}: expected '%name: TYPE' for argument {i}, got {arg!r}")
+        node = Node.create("input", (), {"name": am[1], "index": i}, (_at(lineno, parse_type, am[2]),))
+        env[am[1]] = node
+        inputs.append(node)
+
+    def value(ref: str, lineno: int) -> Value:
+        rm = _REF.fullmatch(ref.strip())
+        if rm is None or rm[1] not in env:
+            raise ParseError(f"line {lineno}: {ref.strip()!r} is not a value defined above")
+        return Value(env[rm[1]], int(rm[2] or 0))
+
+    dims: list[DimRange] = []
+    nodes: list[Node] = []
+    outputs: tuple[Value, ...] | None = None
+    for lineno, line in lines[1:]:
+        if outputs is not None:
+            if line != "}":
+                raise ParseError(f"line {lineno}: expected '}}' after return, got {line!r}")
+            return Graph(m[1], tuple(inputs), tuple(nodes), outputs, tuple(dims), dict(weights or {}))
+        if dm := _DIM.fullmatch(line):
+            dims.append(DimRange(dm[1], int(dm[2]), None if dm[3] == "oo" else int(dm[3])))
+        elif line.startswith("return"):
+            outputs = tuple(value(r, lineno) for r in split_top(line[len("return") :]))
+        elif nm := _NODE.fullmatch(line):
+            if nm[1] in env:
+                raise ParseError(f"line {lineno}: %{nm[1]} is defined twice")
+            operands = tuple(value(r, lineno) for r in split_top(nm[4])) if nm[4].strip() else ()
+            attrs_text, types_text, loc = _at(lineno, _split_rest, nm[5])
+            attrs: dict[str, Any] = {}
+            for item in split_top(attrs_text) if attrs_text else []:
+                key, _, val = item.partition("=")
+                attrs[key.strip()] = _at(lineno, parse_attr, val)
+            types = _at(lineno, _parse_types, types_text)
+            if len(types) != int(nm[2] or 1):
+                raise ParseError(f"line {lineno}: declares {nm[2] or 1} results but {len(types)} types")
+            node = Node.create(nm[3], operands, attrs, types, loc)
+            env[nm[1]] = node
+            nodes.append(node)
+        else:
+            raise ParseError(f"line {lineno}: expected 'dim', '%N = op(...) : TYPE' or 'return', got {line!r}")
+    raise ParseError("unexpected end of IR text: expected 'return ...' and '}'")
+
+
+def _at(lineno: int, fn, *args):
+    try:
+        return fn(*args)
+    except ParseError:
+        raise
+    except (ValueError, TypeError, json.JSONDecodeError) as e:
+        raise ParseError(f"line {lineno}: {e}") from None

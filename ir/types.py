@@ -1,0 +1,161 @@
+"""Tensor types with symbolic shapes.
+
+A dim is a non-negative int or a sympy expression over named size symbols (`b`, `s`, ...).
+Every symbol is made by `sym(name)`, so the same name is the same symbol everywhere.
+
+    >>> t = TensorType((sym("b"), sym("s"), 576), F32)
+    >>> str(t)
+    'f32[b, s, 576]'
+    >>> parse_type("int4<sym,g128>[576, 576] packed<bits=4,word=i32,axis=1>").dtype.bits
+    4
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+import sympy
+
+from .dtypes import DType, DTYPES
+from .formats import Layout, NumberFormat, is_format_text, parse_format, parse_layout
+
+Dim = Union[int, sympy.Expr]
+
+# Names sympy functions keep when shape expressions are printed and parsed back.
+_FUNCTIONS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Max": sympy.Max, "Min": sympy.Min, "Mod": sympy.Mod}
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
+
+
+def sym(name: str) -> sympy.Symbol:
+    """The size symbol `name` (a positive integer)."""
+    return sympy.Symbol(name, integer=True, positive=True)
+
+
+def norm_dim(d: object) -> Dim:
+    """A dim as the IR keeps it: a python int when constant, else a sympy expression."""
+    if isinstance(d, bool):
+        raise TypeError(f"a dim must be an int or a sympy expression, got bool {d}")
+    if isinstance(d, int):
+        return d
+    if isinstance(d, sympy.Expr):
+        return int(d) if d.is_Integer else d
+    raise TypeError(f"a dim must be an int or a sympy expression, got {type(d).__name__} {d!r}")
+
+
+def dim_str(d: Dim) -> str:
+    return str(d)
+
+
+def parse_expr(text: str) -> Dim:
+    """Read a dim expression (`s`, `2*s + 1`, `floor(s/2)`); every identifier is a size symbol."""
+    names = {n: sym(n) for n in _IDENT.findall(text) if n not in _FUNCTIONS}
+    try:
+        expr = sympy.parse_expr(text, local_dict={**names, **_FUNCTIONS}, evaluate=True)
+    except (SyntaxError, TypeError, sympy.SympifyError) as e:
+        raise ValueError(f"malformed dim expression {text!r}: {e}") from None
+    return norm_dim(sympy.sympify(expr))
+
+
+def dims_equal(a: Dim, b: Dim) -> bool:
+    """Whether two dims are provably the same size."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+@dataclass(frozen=True, slots=True)
+class TensorType:
+    """The type of an SSA value: its `shape`, element `dtype` (plain or number format) and,
+    for packed quantized storage, its memory `layout`."""
+
+    shape: tuple[Dim, ...]
+    dtype: DType | NumberFormat
+    layout: Layout | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(norm_dim(d) for d in self.shape))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    @property
+    def free_symbols(self) -> set[sympy.Symbol]:
+        out: set[sympy.Symbol] = set()
+        for d in self.shape:
+            if not isinstance(d, int):
+                out |= d.free_symbols
+        return out
+
+    def with_shape(self, shape: tuple[Dim, ...]) -> "TensorType":
+        return TensorType(tuple(shape), self.dtype, self.layout)
+
+    def __str__(self) -> str:
+        text = f"{self.dtype}[{', '.join(dim_str(d) for d in self.shape)}]"
+        return text if self.layout is None else f"{text} {self.layout}"
+
+
+def split_top(text: str, sep: str = ",") -> list[str]:
+    """Split `text` at `sep` outside brackets, parentheses, braces, angles and quotes."""
+    parts, depth, cur, quote = [], 0, [], False
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            cur.append(c)
+            if c == "\\":
+                cur.append(text[i + 1])
+                i += 1
+            elif c == '"':
+                quote = False
+        elif c == '"':
+            quote = True
+            cur.append(c)
+        elif c in "([{<":
+            depth += 1
+            cur.append(c)
+        elif c in ")]}>":
+            depth -= 1
+            cur.append(c)
+        elif c == sep and depth == 0:
+            parts.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    tail = "".join(cur).strip()
+    if tail or parts:
+        parts.append(tail)
+    return parts
+
+
+def parse_type(text: str) -> TensorType:
+    """Read a `TensorType` from its text form (`f32[b, s, 64]`, `int4<sym,g128>[64, 64] packed<...>`)."""
+    text = text.strip()
+    layout = None
+    if " packed<" in text:
+        text, lay = text.split(" packed<", 1)
+        layout = parse_layout("packed<" + lay)
+    if not text.endswith("]") or "[" not in text:
+        raise ValueError(f"malformed tensor type {text!r}; expected DTYPE[dims], e.g. f32[b, s, 64]")
+    cut = text.index("[", text.index(">") if is_format_text(text) else 0)
+    head, body = text[:cut], text[cut + 1 : -1]
+    dtype: DType | NumberFormat = parse_format(head) if is_format_text(head) else DType.parse(head)
+    shape = tuple(parse_expr(p) for p in split_top(body)) if body.strip() else ()
+    return TensorType(shape, dtype, layout)
+
+
+__all__ = [
+    "DTYPES",
+    "Dim",
+    "TensorType",
+    "dim_str",
+    "dims_equal",
+    "norm_dim",
+    "parse_expr",
+    "parse_type",
+    "split_top",
+    "sym",
+]

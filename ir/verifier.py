@@ -1,0 +1,130 @@
+"""Check a graph's invariants and report every violation at once.
+
+`verify(graph)` checks SSA (every operand is defined above its use, by a node of this graph),
+the op set (known op, operand count, attribute names and types), types (dims are ints or
+expressions over the graph's size symbols) and shapes (the types each node declares equal
+the types its op's rule infers). It raises `VerificationError` listing each offender as its
+printed line, what was expected and what came.
+"""
+
+from __future__ import annotations
+
+from .formats import FloatFormat, IntFormat
+from .graph import Graph, Node
+from .ops import OPS
+from .printer import print_node, value_names
+from .types import TensorType, dims_equal, sym
+
+
+class VerificationError(ValueError):
+    """The graph breaks an invariant; `.problems` lists (node line, message) pairs."""
+
+    def __init__(self, graph_name: str, problems: list[tuple[str, str]]):
+        self.problems = problems
+        body = "\n".join(f"  {line}\n    error: {msg}" for line, msg in problems)
+        super().__init__(f"graph @{graph_name} failed verification ({len(problems)} problems):\n{body}")
+
+
+def _types_match(declared: TensorType, inferred: TensorType) -> bool:
+    return (
+        declared.dtype == inferred.dtype
+        and declared.rank == inferred.rank
+        and all(dims_equal(a, b) for a, b in zip(declared.shape, inferred.shape))
+    )
+
+
+def _check_type(t: TensorType, symbols: set) -> str | None:
+    for d in t.shape:
+        if isinstance(d, int):
+            if d < 0:
+                return f"negative dim {d} in {t}"
+        elif not d.free_symbols <= symbols:
+            unknown = sorted(str(s) for s in d.free_symbols - symbols)
+            return f"dim {d} of {t} uses size symbols {unknown} that the graph does not declare"
+    if isinstance(t.dtype, (IntFormat, FloatFormat)) is False and t.layout is not None:
+        return f"layout {t.layout} on plain dtype {t.dtype}: only quantized formats are packed"
+    return None
+
+
+def _check_node(node: Node) -> str | None:
+    opdef = OPS.get(node.op)
+    if opdef is None:
+        return f"unknown op {node.op!r}; expected one of {', '.join(sorted(OPS))}"
+    n = len(node.inputs)
+    if n < opdef.min_inputs or (opdef.max_inputs is not None and n > opdef.max_inputs):
+        hi = "any" if opdef.max_inputs is None else opdef.max_inputs
+        return f"{node.op} takes {opdef.min_inputs}..{hi} operands, got {n}"
+    if opdef.outputs is not None and len(node.types) != opdef.outputs:
+        return f"{node.op} has {opdef.outputs} result(s), the node declares {len(node.types)}"
+    if not node.types:
+        return f"{node.op} declares no result"
+    attrs = node.attr
+    for name, (types, required) in opdef.attrs.items():
+        if name not in attrs:
+            if required:
+                return f"{node.op} needs attribute {name!r}"
+        elif not isinstance(attrs[name], types) or (bool not in types and isinstance(attrs[name], bool)):
+            want = " or ".join(t.__name__ for t in types)
+            return f"attribute {name!r} of {node.op} must be {want}, got {type(attrs[name]).__name__} {attrs[name]!r}"
+    extra = sorted(set(attrs) - set(opdef.attrs))
+    if extra:
+        return f"{node.op} has no attribute(s) {extra}; expected {sorted(opdef.attrs)}"
+    if opdef.infer is not None:
+        try:
+            inferred = opdef.infer([v.type for v in node.inputs], attrs)
+        except (TypeError, KeyError, ValueError) as e:
+            return f"{node.op}: {e}"
+        for i, (d, t) in enumerate(zip(node.types, inferred)):
+            if not _types_match(d, t):
+                return f"result {i} declared {d}, but {node.op} of these operands gives {t}"
+    return None
+
+
+def verify(graph: Graph) -> Graph:
+    """Return `graph` if it is well formed; else raise `VerificationError` with every problem."""
+    names = value_names(graph)
+    symbols = {sym(d.name) for d in graph.dims}
+    problems: list[tuple[str, str]] = []
+    defined: set[Node] = set()
+
+    def problem(node: Node | None, msg: str) -> None:
+        problems.append((print_node(node, names) if node is not None else "<graph>", msg))
+
+    for i, node in enumerate(graph.inputs):
+        if node.op != "input" or node.get("index") != i or len(node.types) != 1:
+            problem(node, f"argument {i} must be an 'input' node with index={i} and one type")
+        elif (msg := _check_type(node.types[0], symbols)) is not None:
+            problem(node, msg)
+        defined.add(node)
+    seen_names: set[str] = set()
+    for node in graph.nodes:
+        if node in defined:
+            problem(node, "node appears twice in the graph")
+            continue
+        for j, v in enumerate(node.inputs):
+            if v.node not in defined:
+                problem(node, f"operand {j} is not defined above this node (not SSA)")
+            elif v.index >= len(v.node.types):
+                problem(node, f"operand {j} reads result {v.index} of a node with {len(v.node.types)} results")
+        else:
+            for t in node.types:
+                if (msg := _check_type(t, symbols)) is not None:
+                    problem(node, msg)
+            if (msg := _check_node(node)) is not None:
+                problem(node, msg)
+            elif node.op == "const":
+                name = node.get("name")
+                if graph.weights and name not in graph.weights:
+                    problem(node, f"weight {name!r} is not among the graph's weights")
+                elif name in graph.weights and tuple(graph.weights[name].shape) != node.types[0].shape:
+                    problem(node, f"weight {name!r} has shape {list(graph.weights[name].shape)}, the node declares {node.types[0]}")
+                if name in seen_names:
+                    problem(node, f"weight {name!r} has two const nodes")
+                seen_names.add(name)
+        defined.add(node)
+    for k, v in enumerate(graph.outputs):
+        if v.node not in defined:
+            problems.append(("return", f"output {k} is not defined in the graph"))
+    if problems:
+        raise VerificationError(graph.name, problems)
+    return graph
