@@ -33,8 +33,11 @@ from typing import Any, Callable
 
 import sympy
 
-from .dtypes import BOOL, DType
+from .dtypes import DType
 from .types import Dim, TensorType, dims_equal
+
+#: An `end` at or above this means "to the end of the axis" (torch writes 2**63 - 1).
+SLICE_END = 2**62
 
 Infer = Callable[[list[TensorType], dict[str, Any]], list[TensorType]]
 
@@ -183,6 +186,8 @@ def _slice(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     axis = _axis(attrs["axis"], x.rank)
     n = sympy.sympify(x.shape[axis])
     start, end, step = (sympy.sympify(attrs[k]) for k in ("start", "end", "step"))
+    if end.is_Integer and end >= SLICE_END:  # torch's "to the end" sentinel
+        end = n
     start = sympy.Max(0, sympy.Min(n, start + n if start.is_negative else start))
     end = sympy.Max(0, sympy.Min(n, end + n if end.is_negative else end))
     size = sympy.simplify(sympy.Max(0, sympy.ceiling((end - start) / step)))
@@ -254,5 +259,3 @@ OPS: dict[str, OpDef] = {
 
 #: Ops that compute nothing but rearrange or view their input.
 SHAPE_OPS = frozenset({"reshape", "transpose", "permute", "unsqueeze", "expand", "slice", "cat"})
-#: Comparison result dtype used by rules that produce masks.
-MASK_DTYPE = BOOL

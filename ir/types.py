@@ -13,6 +13,7 @@ Every symbol is made by `sym(name)`, so the same name is the same symbol everywh
 from __future__ import annotations
 
 import re
+import tokenize
 from dataclasses import dataclass
 from typing import Union
 
@@ -26,6 +27,7 @@ Dim = Union[int, sympy.Expr]
 # Names sympy functions keep when shape expressions are printed and parsed back.
 _FUNCTIONS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Max": sympy.Max, "Min": sympy.Min, "Mod": sympy.Mod}
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
+_EXPR_CHARS = re.compile(r"[A-Za-z0-9_\s+\-*/(),]*")
 
 
 def sym(name: str) -> sympy.Symbol:
@@ -40,6 +42,8 @@ def norm_dim(d: object) -> Dim:
     if isinstance(d, int):
         return d
     if isinstance(d, sympy.Expr):
+        if d.is_number and not d.is_Integer:
+            raise TypeError(f"a dim must be an integer, got {d}")
         return int(d) if d.is_Integer else d
     raise TypeError(f"a dim must be an int or a sympy expression, got {type(d).__name__} {d!r}")
 
@@ -50,12 +54,15 @@ def dim_str(d: Dim) -> str:
 
 def parse_expr(text: str) -> Dim:
     """Read a dim expression (`s`, `2*s + 1`, `floor(s/2)`); every identifier is a size symbol."""
+    if not _EXPR_CHARS.fullmatch(text) or "__" in text:
+        # sympy.parse_expr evaluates Python: admit only names, integers, + - * / ( ) and commas.
+        raise ValueError(f"malformed dim expression {text!r}: expected integers, size symbols, + - * / and {', '.join(_FUNCTIONS)}")
     names = {n: sym(n) for n in _IDENT.findall(text) if n not in _FUNCTIONS}
     try:
         expr = sympy.parse_expr(text, local_dict={**names, **_FUNCTIONS}, evaluate=True)
-    except (SyntaxError, TypeError, sympy.SympifyError) as e:
+        return norm_dim(sympy.sympify(expr))
+    except (SyntaxError, TypeError, tokenize.TokenError, sympy.SympifyError) as e:
         raise ValueError(f"malformed dim expression {text!r}: {e}") from None
-    return norm_dim(sympy.sympify(expr))
 
 
 def dims_equal(a: Dim, b: Dim) -> bool:

@@ -1,0 +1,208 @@
+"""The reference backend: runs any IR graph with PyTorch ops. The oracle for everything else.
+
+    run = ReferenceExecutor(graph)
+    outputs = run([ids])            # a list of tensors, one per graph output
+
+Each op has one rule in `IMPLS` written with the same torch ops, in the same order, as the
+model code the frontend captured, so an unquantized graph reproduces eager PyTorch exactly.
+With `check_shapes=True` (the `MXC_DEBUG` flag) every result is compared with the type its
+node declares, which catches a graph whose shape assumptions do not hold for this call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+from ..ir import DType, Graph, Node, Ref, RuntimeDevice, TorchConst, flags
+from ..ir.printer import print_node, value_names
+from .inputs import bind_inputs
+
+Impl = Callable[[list[torch.Tensor], dict[str, Any], "Frame"], Any]
+
+
+class Frame:
+    """What an op rule may need beyond its operands: bound sizes and the device."""
+
+    def __init__(self, sizes: dict[sympy.Symbol, int], device: torch.device):
+        self.sizes = sizes
+        self.device = device
+
+    def size(self, d: Any) -> int:
+        if isinstance(d, sympy.Expr):
+            return int(d.xreplace(self.sizes))
+        return d
+
+    def attr(self, v: Any, operands: Sequence[torch.Tensor] = ()) -> Any:
+        """An attribute value for a torch call: refs, dtypes, sizes and devices resolved."""
+        if isinstance(v, Ref):
+            return operands[v.index]
+        if isinstance(v, tuple):
+            return [self.attr(x, operands) for x in v]
+        if isinstance(v, dict):
+            return {k: self.attr(x, operands) for k, x in v.items()}
+        if isinstance(v, DType):
+            return v.torch
+        if isinstance(v, RuntimeDevice):
+            return self.device
+        if isinstance(v, TorchConst):
+            return v.resolve()
+        if isinstance(v, sympy.Expr):
+            return self.size(v)
+        return v
+
+
+def _repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, h, t, d] -> [b, heads, t, d], each key/value head repeated for its query group."""
+    b, h, t, d = x.shape
+    if h == heads:
+        return x
+    return x[:, :, None, :, :].expand(b, h, heads // h, t, d).reshape(b, heads, t, d)
+
+
+def _attention(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
+    q, k, v = ins[:3]
+    k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    mask = ins[3] if len(ins) > 3 else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=a["causal"], scale=a["scale"])
+
+
+def _rms_norm(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
+    x = ins[0]
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + a["eps"])
+    return ins[1] * y if len(ins) > 1 else y
+
+
+def _layer_norm(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
+    x = ins[0]
+    w = ins[1] if len(ins) > 1 else None
+    b = ins[2] if len(ins) > 2 else None
+    return F.layer_norm(x, (x.shape[-1],), w, b, a["eps"])
+
+
+def _rope(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
+    x, cos, sin = ins
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _torch(ins: list[torch.Tensor], a: dict, fr: Frame) -> Any:
+    fn = _resolve_target(a["target"])
+    return fn(*fr.attr(a["args"], ins), **fr.attr(a.get("kwargs", {}), ins))
+
+
+_TARGETS: dict[str, Any] = {}
+
+
+def _resolve_target(name: str) -> Any:
+    fn = _TARGETS.get(name)
+    if fn is None:
+        ns, op, overload = name.split(".", 2) if name.count(".") >= 2 else (*name.split("."), "default")
+        fn = getattr(getattr(getattr(torch.ops, ns), op), overload)
+        _TARGETS[name] = fn
+    return fn
+
+
+IMPLS: dict[str, Impl] = {
+    "linear": lambda ins, a, fr: F.linear(*ins),
+    "matmul": lambda ins, a, fr: torch.matmul(*ins),
+    "embedding": lambda ins, a, fr: F.embedding(ins[0], ins[1]),
+    "rms_norm": _rms_norm,
+    "layer_norm": _layer_norm,
+    "add": lambda ins, a, fr: ins[0] + ins[1],
+    "mul": lambda ins, a, fr: ins[0] * ins[1],
+    "silu": lambda ins, a, fr: F.silu(ins[0]),
+    "relu": lambda ins, a, fr: F.relu(ins[0]),
+    "tanh": lambda ins, a, fr: torch.tanh(ins[0]),
+    "gelu": lambda ins, a, fr: F.gelu(ins[0], approximate=a["approximate"]),
+    "softmax": lambda ins, a, fr: torch.softmax(ins[0], a["axis"]),
+    "attention": _attention,
+    "rope": _rope,
+    "cast": lambda ins, a, fr: ins[0].to(a["dtype"].torch),
+    "reshape": lambda ins, a, fr: ins[0].reshape([fr.size(d) for d in a["shape"]]),
+    "transpose": lambda ins, a, fr: ins[0].transpose(a["dim0"], a["dim1"]),
+    "permute": lambda ins, a, fr: ins[0].permute(a["dims"]),
+    "unsqueeze": lambda ins, a, fr: ins[0].unsqueeze(a["axis"]),
+    "expand": lambda ins, a, fr: ins[0].expand([fr.size(d) for d in a["shape"]]),
+    "slice": lambda ins, a, fr: torch.ops.aten.slice.Tensor(
+        ins[0], a["axis"], fr.size(a["start"]), fr.size(a["end"]), fr.size(a["step"])
+    ),
+    "cat": lambda ins, a, fr: torch.cat(ins, a["axis"]),
+    "torch": _torch,
+}
+
+
+class ExecutionError(RuntimeError):
+    """A node failed or produced a result that does not match its declared type."""
+
+
+class ReferenceExecutor:
+    """Runs `graph` node by node with torch ops on `device` (default: where the weights are)."""
+
+    def __init__(self, graph: Graph, device: torch.device | str | None = None, check_shapes: bool | None = None):
+        self.graph = graph
+        weights = graph.used_weights()
+        if device is None:
+            device = next(iter(weights.values())).device if weights else torch.device("cpu")
+        self.device = torch.device(device)
+        self.weights = {k: v.to(self.device) for k, v in weights.items()}
+        self.check_shapes = flags.DEBUG.get() if check_shapes is None else check_shapes
+        self._last_use = self._last_uses()
+        for node in graph.nodes:
+            if node.op not in IMPLS and node.op not in ("const",):
+                raise ExecutionError(f"the reference backend has no rule for op {node.op!r} (node {node!r})")
+
+    def _last_uses(self) -> dict[int, list[Node]]:
+        """For each body position, the nodes whose results are dead after it (frees memory)."""
+        last: dict[Node, int] = {}
+        for i, node in enumerate(self.graph.nodes):
+            for v in node.inputs:
+                last[v.node] = i
+        keep = {v.node for v in self.graph.outputs}
+        out: dict[int, list[Node]] = {}
+        for node, i in last.items():
+            if node not in keep:
+                out.setdefault(i, []).append(node)
+        return out
+
+    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        sizes = bind_inputs(self.graph, inputs, self.device)
+        frame = Frame(sizes, self.device)
+        env: dict[Node, tuple[torch.Tensor, ...]] = {n: (t,) for n, t in zip(self.graph.inputs, inputs)}
+        with torch.no_grad():
+            for i, node in enumerate(self.graph.nodes):
+                env[node] = self._run(node, env, frame)
+                for dead in self._last_use.get(i, ()):
+                    env.pop(dead, None)
+        return [env[v.node][v.index] for v in self.graph.outputs]
+
+    def _run(self, node: Node, env: dict, frame: Frame) -> tuple[torch.Tensor, ...]:
+        if node.op == "const":
+            return (self.weights[node.get("name")],)
+        operands = [env[v.node][v.index] for v in node.inputs]
+        try:
+            got = IMPLS[node.op](operands, node.attr, frame)
+        except Exception as e:  # noqa: BLE001 - re-raised with the node named
+            raise ExecutionError(f"{self._where(node)}\n  failed: {type(e).__name__}: {e}") from e
+        results = tuple(got) if isinstance(got, (tuple, list)) else (got,)
+        if self.check_shapes:
+            self._check(node, results, frame)
+        return results
+
+    def _check(self, node: Node, results: tuple[torch.Tensor, ...], frame: Frame) -> None:
+        for t, r in zip(node.types, results):
+            want = [frame.size(d) for d in t.shape]
+            if list(r.shape) != want or (isinstance(t.dtype, DType) and r.dtype != t.dtype.torch):
+                bound = ", ".join(f"{k}={v}" for k, v in frame.sizes.items())
+                raise ExecutionError(
+                    f"{self._where(node)}\n  produced {r.dtype} {list(r.shape)}, but the IR declares {t} "
+                    f"= {want} with {bound}"
+                )
+
+    def _where(self, node: Node) -> str:
+        names = value_names(self.graph)
+        return f"graph @{self.graph.name}: node {print_node(node, names)}"
