@@ -1,0 +1,20 @@
+"""mxc: a graph compiler that lowers language models to mixed-precision GPU code.
+
+    import mxc
+    compiled = mxc.compile(model, example_inputs=ids)
+    compiled(ids).logits
+"""
+
+from . import eval, models  # noqa: A004 - `mxc.eval` is the evaluation module
+from .compiled import CompiledModel, Report
+from .driver import FLOAT_PIPELINE, compile  # noqa: A004
+from .frontends.torch_export import CaptureError
+from .runtime import ExecutionError, InputError
+from .signature import CallError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallError", "CaptureError", "CompiledModel", "ExecutionError", "FLOAT_PIPELINE", "InputError",
+    "Report", "compile", "eval", "models",
+]

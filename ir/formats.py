@@ -157,15 +157,18 @@ def parse_layout(text: str) -> Layout:
     m = re.fullmatch(r"packed<(.*)>", text.strip())
     if m is None:
         raise ValueError(f"malformed layout {text!r}; expected packed<bits=N,word=i32,axis=A,...>")
+    field_re = r"\s*(\w+)=(\[[^\]]*\]|[^,]+)"
+    if not re.fullmatch(rf"{field_re}(,{field_re})*", m[1]):
+        raise ValueError(f"malformed layout {text!r}; expected packed<bits=N,word=i32,axis=A,...>")
     fields: dict[str, object] = {}
-    for key, val in re.findall(r"(\w+)=(\[[^\]]*\]|[^,]+)", m[1]):
-        if val.startswith("["):
-            fields[key] = tuple(int(v) for v in val[1:-1].split(",") if v.strip())
-        elif key == "word":
-            fields[key] = val
-        else:
-            fields[key] = int(val)
     try:
+        for key, val in re.findall(field_re, m[1]):
+            if val.startswith("["):
+                fields[key] = tuple(int(v) for v in val[1:-1].split(",") if v.strip())
+            elif key == "word":
+                fields[key] = val
+            else:
+                fields[key] = int(val)
         return Layout(**fields)  # type: ignore[arg-type]
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"malformed layout {text!r}: {e}") from None

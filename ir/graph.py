@@ -215,15 +215,22 @@ class Graph:
             counts[key] = counts.get(key, 0) + 1
         return counts
 
-    def rewrite(self, fn: Callable[[Node], "Node | tuple[Value, ...] | Value | None"]) -> "Graph":
+    def rewrite(
+        self,
+        fn: Callable[[Node], "Node | tuple[Value, ...] | Value | None"],
+        origins: dict[Node, Node] | None = None,
+    ) -> "Graph":
         """Rebuild the graph node by node. `fn` gets each body node with its inputs already
         remapped and returns None (keep it), a node (use it instead), or the value(s) that
         replace its outputs (the node is dropped). Unused nodes are then removed. Returns
-        `self` when nothing changed."""
+        `self` when nothing changed. If given, `origins` is filled with new node -> the node
+        of this graph it was rebuilt from, so `fn` can look up facts about the old graph."""
         env: dict[Value, Value] = {}
         new_nodes: list[Node] = []
         for node in self.nodes:
             remapped = node.replace(inputs=[env.get(v, v) for v in node.inputs])
+            if origins is not None and remapped is not node:
+                origins[remapped] = node
             got = fn(remapped)
             if got is None:
                 got = remapped

@@ -132,6 +132,8 @@ def parse(text: str, *, weights: Mapping[str, torch.Tensor] | None = None) -> Gr
         am = _ARG.fullmatch(arg)
         if am is None:
             raise ParseError(f"line {lineno}: expected '%name: TYPE' for argument {i}, got {arg!r}")
+        if am[1] in env:
+            raise ParseError(f"line {lineno}: argument %{am[1]} is defined twice")
         node = Node.create("input", (), {"name": am[1], "index": i}, (_at(lineno, parse_type, am[2]),))
         env[am[1]] = node
         inputs.append(node)
@@ -140,7 +142,11 @@ def parse(text: str, *, weights: Mapping[str, torch.Tensor] | None = None) -> Gr
         rm = _REF.fullmatch(ref.strip())
         if rm is None or rm[1] not in env:
             raise ParseError(f"line {lineno}: {ref.strip()!r} is not a value defined above")
-        return Value(env[rm[1]], int(rm[2] or 0))
+        node, n = env[rm[1]], len(env[rm[1]].types)
+        if (rm[2] is None) != (n == 1) or int(rm[2] or 0) >= n:
+            want = f"%{rm[1]}" if n == 1 else f"%{rm[1]}#0..%{rm[1]}#{n - 1}"
+            raise ParseError(f"line {lineno}: {ref.strip()!r} does not name a result; %{rm[1]} has {n}, expected {want}")
+        return Value(node, int(rm[2] or 0))
 
     dims: list[DimRange] = []
     nodes: list[Node] = []
@@ -149,6 +155,8 @@ def parse(text: str, *, weights: Mapping[str, torch.Tensor] | None = None) -> Gr
         if outputs is not None:
             if line != "}":
                 raise ParseError(f"line {lineno}: expected '}}' after return, got {line!r}")
+            if lineno != lines[-1][0]:
+                raise ParseError(f"line {lines[-1][0]}: expected the end of the IR text after '}}'")
             return Graph(m[1], tuple(inputs), tuple(nodes), outputs, tuple(dims), dict(weights or {}))
         if dm := _DIM.fullmatch(line):
             dims.append(DimRange(dm[1], int(dm[2]), None if dm[3] == "oo" else int(dm[3])))
@@ -171,7 +179,7 @@ def parse(text: str, *, weights: Mapping[str, torch.Tensor] | None = None) -> Gr
             nodes.append(node)
         else:
             raise ParseError(f"line {lineno}: expected 'dim', '%N = op(...) : TYPE' or 'return', got {line!r}")
-    raise ParseError("unexpected end of IR text: expected 'return ...' and '}'")
+    raise ParseError(f"line {lines[-1][0]}: unexpected end of IR text: expected 'return ...' and '}}'")
 
 
 def _at(lineno: int, fn, *args):

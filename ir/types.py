@@ -54,15 +54,16 @@ def dim_str(d: Dim) -> str:
 
 def parse_expr(text: str) -> Dim:
     """Read a dim expression (`s`, `2*s + 1`, `floor(s/2)`); every identifier is a size symbol."""
+    expected = f"expected an integer expression of size symbols with + - * / and {', '.join(_FUNCTIONS)}"
     if not _EXPR_CHARS.fullmatch(text) or "__" in text:
         # sympy.parse_expr evaluates Python: admit only names, integers, + - * / ( ) and commas.
-        raise ValueError(f"malformed dim expression {text!r}: expected integers, size symbols, + - * / and {', '.join(_FUNCTIONS)}")
+        raise ValueError(f"malformed dim expression {text!r}; {expected}")
     names = {n: sym(n) for n in _IDENT.findall(text) if n not in _FUNCTIONS}
     try:
         expr = sympy.parse_expr(text, local_dict={**names, **_FUNCTIONS}, evaluate=True)
         return norm_dim(sympy.sympify(expr))
     except (SyntaxError, TypeError, tokenize.TokenError, sympy.SympifyError) as e:
-        raise ValueError(f"malformed dim expression {text!r}: {e}") from None
+        raise ValueError(f"malformed dim expression {text!r} ({e}); {expected}") from None
 
 
 def dims_equal(a: Dim, b: Dim) -> bool:

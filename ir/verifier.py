@@ -72,7 +72,7 @@ def _check_node(node: Node) -> str | None:
     if opdef.infer is not None:
         try:
             inferred = opdef.infer([v.type for v in node.inputs], attrs)
-        except (TypeError, KeyError, ValueError) as e:
+        except (TypeError, KeyError, ValueError, IndexError) as e:
             return f"{node.op}: {e}"
         for i, (d, t) in enumerate(zip(node.types, inferred)):
             if not _types_match(d, t):
@@ -125,6 +125,8 @@ def verify(graph: Graph) -> Graph:
     for k, v in enumerate(graph.outputs):
         if v.node not in defined:
             problems.append(("return", f"output {k} is not defined in the graph"))
+        elif v.index >= len(v.node.types):
+            problems.append(("return", f"output {k} reads result {v.index} of a node with {len(v.node.types)} results"))
     if problems:
         raise VerificationError(graph.name, problems)
     return graph
