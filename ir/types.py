@@ -66,11 +66,50 @@ def parse_expr(text: str) -> Dim:
         raise ValueError(f"malformed dim expression {text!r} ({e}); {expected}") from None
 
 
-def dims_equal(a: Dim, b: Dim) -> bool:
-    """Whether two dims are provably the same size."""
+def dims_equal(a: Dim, b: Dim, ranges: dict[sympy.Symbol, tuple[int, int | None]] | None = None) -> bool:
+    """Whether two dims are provably the same size, for sizes of the symbols within `ranges`
+    (symbol -> (lo, hi or None)) when given: `Min(512, s)` equals `s` when s <= 512."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    diff = sympy.simplify(sympy.sympify(a) - sympy.sympify(b))
+    if diff == 0:
+        return True
+    if ranges and diff.has(sympy.Min, sympy.Max):
+        return sympy.simplify(refine(diff, ranges)) == 0
+    return False
+
+
+def _sign(expr: sympy.Expr, ranges: dict[sympy.Symbol, tuple[int, int | None]]) -> int | None:
+    """+1 / -1 / 0 if `expr`, affine in each symbol, has that sign over the whole box of ranges."""
+    free = sorted(expr.free_symbols, key=str)
+    if any(s not in ranges or ranges[s][1] is None for s in free) or not expr.is_polynomial(*free):
+        return None
+    if any(sympy.degree(expr, s) > 1 for s in free):
+        return None
+    corners = [expr]
+    for s in free:
+        lo, hi = ranges[s]
+        corners = [c.subs(s, v) for c in corners for v in (lo, hi)]
+    if all(c >= 0 for c in corners):
+        return 0 if all(c == 0 for c in corners) else 1
+    if all(c <= 0 for c in corners):
+        return -1
+    return None
+
+
+def refine(expr: sympy.Expr, ranges: dict[sympy.Symbol, tuple[int, int | None]]) -> sympy.Expr:
+    """`expr` with every `Min`/`Max` of two arguments decided by the symbols' ranges."""
+
+    def pick(node: sympy.Expr) -> sympy.Expr:
+        if isinstance(node, (sympy.Min, sympy.Max)) and len(node.args) == 2:
+            x, y = node.args
+            sign = _sign(x - y, ranges)
+            if sign is not None:
+                smaller_first = sign <= 0
+                return x if smaller_first == isinstance(node, sympy.Min) else y
+        return node
+
+    return expr.replace(lambda n: isinstance(n, (sympy.Min, sympy.Max)), pick)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +200,7 @@ __all__ = [
     "TensorType",
     "dim_str",
     "dims_equal",
+    "refine",
     "norm_dim",
     "parse_expr",
     "parse_type",

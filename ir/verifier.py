@@ -25,11 +25,11 @@ class VerificationError(ValueError):
         super().__init__(f"graph @{graph_name} failed verification ({len(problems)} problems):\n{body}")
 
 
-def _types_match(declared: TensorType, inferred: TensorType) -> bool:
+def _types_match(declared: TensorType, inferred: TensorType, ranges: dict) -> bool:
     return (
         declared.dtype == inferred.dtype
         and declared.rank == inferred.rank
-        and all(dims_equal(a, b) for a, b in zip(declared.shape, inferred.shape))
+        and all(dims_equal(a, b, ranges) for a, b in zip(declared.shape, inferred.shape))
     )
 
 
@@ -46,7 +46,7 @@ def _check_type(t: TensorType, symbols: set) -> str | None:
     return None
 
 
-def _check_node(node: Node) -> str | None:
+def _check_node(node: Node, ranges: dict) -> str | None:
     opdef = OPS.get(node.op)
     if opdef is None:
         return f"unknown op {node.op!r}; expected one of {', '.join(sorted(OPS))}"
@@ -75,7 +75,7 @@ def _check_node(node: Node) -> str | None:
         except (TypeError, KeyError, ValueError, IndexError) as e:
             return f"{node.op}: {e}"
         for i, (d, t) in enumerate(zip(node.types, inferred)):
-            if not _types_match(d, t):
+            if not _types_match(d, t, ranges):
                 return f"result {i} declared {d}, but {node.op} of these operands gives {t}"
     return None
 
@@ -84,6 +84,7 @@ def verify(graph: Graph) -> Graph:
     """Return `graph` if it is well formed; else raise `VerificationError` with every problem."""
     names = value_names(graph)
     symbols = {sym(d.name) for d in graph.dims}
+    ranges = {sym(d.name): (d.lo, d.hi) for d in graph.dims}
     problems: list[tuple[str, str]] = []
     defined: set[Node] = set()
 
@@ -110,7 +111,7 @@ def verify(graph: Graph) -> Graph:
             for t in node.types:
                 if (msg := _check_type(t, symbols)) is not None:
                     problem(node, msg)
-            if (msg := _check_node(node)) is not None:
+            if (msg := _check_node(node, ranges)) is not None:
                 problem(node, msg)
             elif node.op == "const":
                 name = node.get("name")

@@ -47,7 +47,7 @@ def bind_inputs(graph: Graph, inputs: Sequence[torch.Tensor], device: torch.devi
             else:
                 derived.append((name, axis, d, int(n)))
     for name, axis, d, n in derived:
-        want = d.xreplace(sizes)
+        want = sympy.sympify(d.xreplace(sizes))
         if not want.is_Integer or int(want) != n:
             raise InputError(f"argument {name!r} dim {axis} ({d}): expected {want}, got {n}")
     for r in graph.dims:
