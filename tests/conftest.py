@@ -1,10 +1,12 @@
-"""Shared test setup: the Triton interpreter and offline Hugging Face are switched on before
-anything imports triton or transformers; the real models are loaded once per session."""
+"""Shared test setup: the Triton interpreter, offline Hugging Face and mxc's debug checks are
+switched on before anything imports triton or transformers; the real models are loaded once
+per session."""
 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MXC_DEBUG", "1")  # verify after every pass, check every result's shape
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
