@@ -68,6 +68,8 @@ def rms_norm(node: Node, ctx: Context) -> Node | None:
     add = rsqrt and _target(rsqrt.inputs[0], "aten.add.Tensor")
     if add is None or len(add.get("args")) != 2 or not isinstance(add.get("args")[1], (int, float)):
         return None
+    if add.get("kwargs"):  # e.g. alpha: mean + alpha * eps is another function
+        return None
     mean = _target(add.inputs[0], "aten.mean.dim")
     if mean is None or tuple(mean.get("args")[1:]) not in (((-1,), True), ((x.type.rank - 1,), True)):
         return None
@@ -148,8 +150,8 @@ def _repeated_heads(v: Value) -> Value | None:
 def gqa(node: Node, ctx: Context) -> Node | None:
     """attention(q, repeat(k), repeat(v), ...) -> attention(q, k, v, ...) with grouped heads."""
     k, v = _repeated_heads(node.inputs[1]), _repeated_heads(node.inputs[2])
-    if k is None or v is None:
-        return None
+    if k is None or v is None or not dims_equal(k.type.shape[1], v.type.shape[1]):
+        return None  # key and value must keep the same number of grouped heads
     return node.replace(inputs=[node.inputs[0], k, v, *node.inputs[3:]])
 
 

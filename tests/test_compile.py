@@ -165,6 +165,9 @@ def test_smollm2_structure(smollm2_compiled):
     attn = next(n for n in smollm2_compiled.graph.nodes if n.op == "attention")
     q, k = attn.inputs[0].type.shape, attn.inputs[1].type.shape
     assert (q[1], k[1]) == (9, 3)  # grouped-query attention reads the 3 KV heads directly
+    text = smollm2_compiled.ir
+    assert str(parse(text)) == text
+    verify(parse(text, weights=smollm2_compiled.graph.weights))
 
 
 def test_smollm2_perplexity_matches_eager(smollm2, smollm2_compiled):
@@ -198,6 +201,7 @@ def test_minilm_matches_eager(minilm):
         assert type(got).__name__ == type(want).__name__
         assert rel_err(got.last_hidden_state, want.last_hidden_state) <= REL
         assert rel_err(got.pooler_output, want.pooler_output) <= REL
+    assert str(parse(compiled.ir)) == compiled.ir
     counts = compiled.graph.op_counts()
     assert counts["layer_norm"] == 13 and counts["attention"] == 6 and counts["gelu"] == 6
     too_long = torch.ones(1, 600, dtype=torch.long)
