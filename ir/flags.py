@@ -52,4 +52,6 @@ def _bool(text: str) -> bool:
 DUMP_IR: Flag[str | None] = Flag("MXC_DUMP_IR", str, None, "directory to write the IR after every pass")
 DEBUG: Flag[bool] = Flag("MXC_DEBUG", _bool, False, "verify the IR after every pass and check every node's result shape at run time")
 
-FLAGS = (DUMP_IR, DEBUG)
+UPDATE_GOLDEN: Flag[bool] = Flag("MXC_UPDATE_GOLDEN", _bool, False, "tests rewrite golden IR files instead of comparing")
+
+FLAGS = (DUMP_IR, DEBUG, UPDATE_GOLDEN)

@@ -17,7 +17,9 @@ Ops, by inputs and attributes:
     add, mul(a, b)                                                    broadcasting
     silu, relu, tanh(x); gelu(x)               {approximate}
     softmax(x)                                 {axis}
-    attention(q[b,H,s,d], k[b,Hkv,t,d], v[b,Hkv,t,e], mask?) {causal, scale}   GQA when Hkv < H
+    attention(q[b,H,s,d], k[b,Hkv,t,d], v[b,Hkv,t,e], mask?) {causal, scale}   GQA when Hkv < H;
+                                               a boolean mask keeps True entries, a float mask is
+                                               added to the scores; with causal both apply
     rope(x, cos, sin)                                                 x*cos + rotate_half(x)*sin
     cast(x)                                    {dtype}
     reshape(x) {shape}; transpose(x) {dim0, dim1}; permute(x) {dims}; unsqueeze(x) {axis}
@@ -124,6 +126,7 @@ def _attention(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     _need(q.rank == k.rank == v.rank == 4, f"attention wants [b, heads, seq, dim] operands, got {q}, {k}, {v}")
     _need(dims_equal(q.shape[-1], k.shape[-1]), f"q and k head dims differ: {q} and {k}")
     _need(dims_equal(k.shape[2], v.shape[2]), f"k and v lengths differ: {k} and {v}")
+    _need(dims_equal(k.shape[1], v.shape[1]), f"k and v head counts differ: {k} and {v}")
     hq, hk = q.shape[1], k.shape[1]
     if isinstance(hq, int) and isinstance(hk, int):
         _need(hq % hk == 0, f"query heads {hq} must be a multiple of key/value heads {hk}")

@@ -9,6 +9,8 @@ printed line, what was expected and what came.
 
 from __future__ import annotations
 
+import sympy
+
 from .formats import FloatFormat, IntFormat
 from .graph import Graph, Node
 from .ops import OPS
@@ -46,6 +48,16 @@ def _check_type(t: TensorType, symbols: set) -> str | None:
     return None
 
 
+def _attr_symbols(v: object) -> set:
+    if isinstance(v, sympy.Expr):
+        return set(v.free_symbols)
+    if isinstance(v, (tuple, list)):
+        return set().union(*(_attr_symbols(x) for x in v)) if v else set()
+    if isinstance(v, dict):
+        return _attr_symbols(tuple(v.values()))
+    return set()
+
+
 def _check_node(node: Node, ranges: dict) -> str | None:
     opdef = OPS.get(node.op)
     if opdef is None:
@@ -66,6 +78,9 @@ def _check_node(node: Node, ranges: dict) -> str | None:
         elif not isinstance(attrs[name], types) or (bool not in types and isinstance(attrs[name], bool)):
             want = " or ".join(t.__name__ for t in types)
             return f"attribute {name!r} of {node.op} must be {want}, got {type(attrs[name]).__name__} {attrs[name]!r}"
+    unknown = _attr_symbols(tuple(attrs.values())) - set(ranges)
+    if unknown:
+        return f"attributes use size symbols {sorted(map(str, unknown))} that the graph does not declare"
     extra = sorted(set(attrs) - set(opdef.attrs))
     if extra:
         return f"{node.op} has no attribute(s) {extra}; expected {sorted(opdef.attrs)}"
@@ -91,6 +106,9 @@ def verify(graph: Graph) -> Graph:
     def problem(node: Node | None, msg: str) -> None:
         problems.append((print_node(node, names) if node is not None else "<graph>", msg))
 
+    bindable = {d for n in graph.inputs for t in n.types for d in t.shape if isinstance(d, sympy.Symbol)}
+    for s in sorted(symbols - bindable, key=str):
+        problems.append((f"dim {s}", f"size symbol {s} is no input's dim, so no call can bind it"))
     for i, node in enumerate(graph.inputs):
         if node.op != "input" or node.get("index") != i or len(node.types) != 1:
             problem(node, f"argument {i} must be an 'input' node with index={i} and one type")

@@ -43,3 +43,17 @@ def make_tiny_llama(seed: int = 0, layers: int = 2):
 @pytest.fixture(scope="session")
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_factory():
+    """`make_tiny_llama` itself, for tests that need a fresh model or another size."""
+    return make_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def captured_tiny_llama(tiny_llama):
+    """`capture(tiny_llama)`: its graph, call spec and exported program (capture takes seconds)."""
+    from mxc.frontends.torch_export import capture
+
+    return capture(tiny_llama)

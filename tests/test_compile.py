@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 
 import mxc
 from mxc.ir import parse, verify
@@ -58,7 +57,7 @@ def test_tiny_llama_ir_is_canonical_and_round_trips(tiny_compiled):
     assert [str(d) for d in g.dims] == ["b in [1, oo]", "s in [1, oo]"]
 
 
-def test_report_lists_fallbacks(tiny_compiled):
+def test_report_lists_fallbacks(tiny_compiled, tiny_llama_factory):
     report = tiny_compiled.report()
     assert report.fallbacks == {
         k.removeprefix("torch:"): v for k, v in tiny_compiled.graph.op_counts().items() if k.startswith("torch:")
@@ -66,7 +65,7 @@ def test_report_lists_fallbacks(tiny_compiled):
     assert report.fallbacks["aten.arange.default"] >= 1
     text = str(report)
     assert "torch fallbacks" in text and "aten.arange.default" in text and "rms_norm" in text
-    model = make_tiny_llama()
+    model = tiny_llama_factory()
     params = sum(p.numel() * 4 for p in model.parameters())
     assert report.weight_bytes == params + model.model.rotary_emb.inv_freq.numel() * 4  # + the rotary buffer
 
@@ -102,8 +101,8 @@ def test_wrong_inputs_are_named(tiny_compiled):
         tiny_compiled([[1, 2]])
 
 
-def test_unknown_backend_and_plan():
-    model = make_tiny_llama(layers=1)
+def test_unknown_backend_and_plan(tiny_llama_factory):
+    model = tiny_llama_factory(layers=1)
     with pytest.raises(ValueError, match=r"unknown backend 'cuda-magic'; expected one of reference"):
         mxc.compile(model, backend="cuda-magic")
     with pytest.raises(NotImplementedError, match=r"quantization plans are not implemented yet"):
