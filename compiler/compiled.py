@@ -28,10 +28,31 @@ class Report:
     fallbacks: dict[str, int]
     weight_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
+    layers: dict[str, dict] = field(default_factory=dict)
+    float_bytes: int = 0
+    plan: str | None = None
+
+    @property
+    def avg_bits(self) -> float | None:
+        """Average bits per weight over the quantized layers (scales included)."""
+        n = sum(_numel(r["shape"]) for r in self.layers.values() if "shape" in r)
+        return sum(r["bits"] * _numel(r["shape"]) for r in self.layers.values() if "shape" in r) / n if n else None
 
     def __str__(self) -> str:
-        lines = [f"mxc report: graph @{self.graph_name}, backend {self.backend}"]
-        lines.append(f"  weights: {self.weight_bytes / 2**20:.2f} MiB")
+        lines = [f"mxc report: graph @{self.graph_name}, backend {self.backend}, plan {self.plan or 'none (float)'}"]
+        lines.append(f"  weights: {self.weight_bytes / 2**20:.2f} MiB (float: {self.float_bytes / 2**20:.2f} MiB)")
+        if self.layers:
+            lines.append(f"  average bits per weight over quantized layers: {self.avg_bits:.3f}")
+            lines.append(f"  {'layer':<40} {'format':<34} {'bits':>6} {'KiB':>9} {'w err':>7} {'out err':>8}")
+            for path, r in self.layers.items():
+                if "format" not in r:
+                    lines.append(f"  {path:<40} kv cache {r['kv']}")
+                    continue
+                out = f"{r['output_error']:.4f}" if "output_error" in r else "-"
+                lines.append(
+                    f"  {path:<40} {r['format']:<34} {r['bits']:>6.3f} {r['bytes'] / 1024:>9.1f} "
+                    f"{r['weight_error']:>7.4f} {out:>8}"
+                )
         lines.append("  ops:")
         for op, n in sorted(self.op_counts.items(), key=lambda kv: (-kv[1], kv[0])):
             if not op.startswith("torch:"):
@@ -45,6 +66,13 @@ class Report:
         return "\n".join(lines)
 
 
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 class CompiledModel:
     """A compiled graph bound to a backend, callable like the module it came from."""
 
@@ -55,11 +83,13 @@ class CompiledModel:
         executor: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]],
         backend: str,
         timings: dict[str, float] | None = None,
+        plan: Any = None,
     ):
         self.graph = graph
         self.call_spec = call_spec
         self.backend = backend
         self.timings = dict(timings or {})
+        self.plan = plan
         self._executor = executor
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -74,9 +104,14 @@ class CompiledModel:
     def report(self) -> Report:
         counts = self.graph.op_counts()
         fallbacks = {k.removeprefix("torch:"): v for k, v in counts.items() if k.startswith("torch:")}
+        layers = dict(self.graph.meta.get("quantized", {}))
+        quantized = {f"{p}.weight" for p, r in layers.items() if "format" in r}
         weights = self.graph.used_weights()
-        nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-        return Report(self.graph.name, self.backend, counts, fallbacks, nbytes, self.timings)
+        plain = sum(t.numel() * t.element_size() for k, t in weights.items() if k.rsplit(".", 1)[0] not in quantized and k not in quantized)
+        packed = sum(r["bytes"] for r in layers.values() if "bytes" in r)
+        before = sum(r["float_bytes"] for r in layers.values() if "float_bytes" in r)
+        name = getattr(self.plan, "name", None) or (None if self.plan is None else "custom")
+        return Report(self.graph.name, self.backend, counts, fallbacks, plain + packed, self.timings, layers, plain + before, name)
 
     def __repr__(self) -> str:
         return f"CompiledModel(@{self.graph.name}, {len(self.graph.nodes)} nodes, backend={self.backend!r})"

@@ -10,6 +10,7 @@ when asked) and binds the final graph to a backend.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -18,15 +19,19 @@ from .compiled import CompiledModel
 from .frontends.torch_export import capture
 from .ir import flags
 from .passes import run_pipeline
+from .calibrate import calibrate, text_batches
+from .plan import Plan
 from .runtime import BACKENDS
 
 #: The passes run for a model with no plan, in order.
 FLOAT_PIPELINE = ["canonicalize"]
+#: The passes run for a plan, in order.
+QUANT_PIPELINE = ["canonicalize", "quantize"]
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile
     model: torch.nn.Module,
-    plan: Any = None,
+    plan: "Plan | str | dict | None" = None,
     *,
     example_inputs: Any = None,
     dynamic_shapes: Any = None,
@@ -34,6 +39,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     dump_ir: str | os.PathLike | None = None,
     debug: bool | None = None,
     device: torch.device | str | None = None,
+    calibration: Any = None,
 ) -> CompiledModel:
     """Compile `model` to a `CompiledModel`.
 
@@ -43,15 +49,38 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     `backend`: one of `mxc.runtime.BACKENDS`. `dump_ir`: a directory for `NN-pass.mxir`
     dumps (default: the `MXC_DUMP_IR` flag). `debug`: verify the IR after every pass and
     check every node's result shape at run time (default: the `MXC_DEBUG` flag).
+    `calibration`: a tokenizer (windows of real text are cut from `mxc.eval.default_text()`,
+    never overlapping the perplexity windows) or a list of token-id tensors; it enables GPTQ
+    and the clipping search of plans whose method is "auto".
     """
-    if plan is not None:
-        raise NotImplementedError(
-            f"quantization plans are not implemented yet (got {plan!r}); compile with plan=None for the float graph"
-        )
+    plan = None if plan is None else Plan.coerce(plan)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     debug = flags.DEBUG.get() if debug is None else debug
     captured = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
-    result = run_pipeline(captured.graph, FLOAT_PIPELINE, verify=debug, dump_dir=dump_ir)
+    if plan is None:
+        result = run_pipeline(captured.graph, FLOAT_PIPELINE, verify=debug, dump_dir=dump_ir)
+    else:
+        plan = plan.resolved(calibrated=calibration is not None)
+        if calibration is None and plan.method == "rtn" and plan.rules + (plan.default,):
+            warnings.warn(
+                f"plan {plan.name or '(custom)'}: no calibration data, so weights are rounded to nearest "
+                "(no GPTQ, no clipping search); pass calibration=tokenizer for better accuracy",
+                stacklevel=2,
+            )
+        plan.check_matches(_linear_paths(captured.graph))
+        graph = captured.graph
+        if calibration is not None:
+            graph = run_pipeline(graph, FLOAT_PIPELINE, verify=debug).graph
+            batches = calibration if isinstance(calibration, (list, tuple)) else text_batches(calibration)
+            graph.meta["calibration"] = calibrate(graph, batches)
+        options = {"quantize": {"plan": plan}}
+        result = run_pipeline(graph, QUANT_PIPELINE, options=options, verify=debug, dump_dir=dump_ir)
     executor = BACKENDS[backend](result.graph, device=device, check_shapes=debug)
-    return CompiledModel(result.graph, captured.call_spec, executor, backend, result.timings)
+    return CompiledModel(result.graph, captured.call_spec, executor, backend, result.timings, plan)
+
+
+def _linear_paths(graph) -> list[str]:
+    from .passes.quantize import layer_path
+
+    return [layer_path(n, n.inputs[1].node) for n in graph.nodes if n.op == "linear"]

@@ -217,12 +217,13 @@ class Graph:
 
     def rewrite(
         self,
-        fn: Callable[[Node], "Node | tuple[Value, ...] | Value | None"],
+        fn: Callable[[Node], "Node | list[Node] | tuple[Value, ...] | Value | None"],
         origins: dict[Node, Node] | None = None,
     ) -> "Graph":
         """Rebuild the graph node by node. `fn` gets each body node with its inputs already
-        remapped and returns None (keep it), a node (use it instead), or the value(s) that
-        replace its outputs (the node is dropped). Unused nodes are then removed. Returns
+        remapped and returns None (keep it), a node (use it instead), a list of nodes (inserted
+        in order, the last one replacing it), or the value(s) that replace its outputs (the
+        node is dropped). Unused nodes are then removed. Returns
         `self` when nothing changed. If given, `origins` is filled with new node -> the node
         of this graph it was rebuilt from, so `fn` can look up facts about the old graph."""
         env: dict[Value, Value] = {}
@@ -234,6 +235,9 @@ class Graph:
             got = fn(remapped)
             if got is None:
                 got = remapped
+            if isinstance(got, list):
+                new_nodes.extend(got[:-1])
+                got = got[-1]
             if isinstance(got, Node):
                 new_nodes.append(got)
                 if got is not node:

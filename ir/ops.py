@@ -24,7 +24,8 @@ Ops, by inputs and attributes:
     cast(x)                                    {dtype}
     reshape(x) {shape}; transpose(x) {dim0, dim1}; permute(x) {dims}; unsqueeze(x) {axis}
     expand(x) {shape}; slice(x) {axis, start, end, step}; cat(x...) {axis}
-    quantize(x, scale?, zero?), dequantize(q, scale?, zero?)  {format}
+    quantize(x) {format} -> (codes, scale[, zero][, global])   dynamic: scales computed at run time
+    dequantize(codes, scale[, zero][, global]) {format, dtype}  the format's reference numerics
     torch(x...)                                {target, args, kwargs} a PyTorch op, run as is
 """
 
@@ -35,7 +36,8 @@ from typing import Any, Callable
 
 import sympy
 
-from .dtypes import DType
+from .dtypes import F32, DType
+from .formats import FloatFormat, IntFormat, NumberFormat
 from .types import Dim, TensorType, dims_equal
 
 #: An `end` at or above this means "to the end of the axis" (torch writes 2**63 - 1).
@@ -211,6 +213,49 @@ def _cat(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     return [first.with_shape(tuple(shape))]
 
 
+def quant_parts(fmt: NumberFormat) -> tuple[str, ...]:
+    """The tensors a quantized value is made of, in operand/result order: codes, the block
+    scales, the zero points of asymmetric integers, the global scale of two-level formats."""
+    parts = ("codes", "scale")
+    if isinstance(fmt, IntFormat) and not fmt.symmetric:
+        parts += ("zero",)
+    if isinstance(fmt, FloatFormat) and fmt.global_:
+        parts += ("global",)
+    return parts
+
+
+def scale_shape(fmt: NumberFormat, shape: tuple[Dim, ...]) -> tuple[Dim, ...]:
+    """The shape of `fmt`'s block scales for a tensor of `shape` (blocks along the last axis)."""
+    block = fmt.scaling.block(shape[-1]) if shape else None
+    if block is None:
+        return (1, 1)  # one scale for the whole tensor
+    return (*shape[:-1], sympy.ceiling(sympy.sympify(shape[-1]) / block))
+
+
+def _quant_types(fmt: NumberFormat, shape: tuple[Dim, ...]) -> list[TensorType]:
+    sshape = scale_shape(fmt, shape)
+    types = {"codes": TensorType(shape, fmt), "scale": TensorType(sshape, F32), "zero": TensorType(sshape, F32),
+             "global": TensorType((1,), F32)}  # noqa: E501
+    return [types[p] for p in quant_parts(fmt)]
+
+
+def _quantize(ins: list[TensorType], attrs: dict) -> list[TensorType]:
+    fmt, x = attrs["format"], ins[0]
+    _need(isinstance(fmt, (IntFormat, FloatFormat)), f"format must be a number format, got {fmt!r}")
+    _need(isinstance(x.dtype, DType) and x.dtype.is_float, f"quantize reads a float tensor, got {x}")
+    return _quant_types(fmt, x.shape)
+
+
+def _dequantize(ins: list[TensorType], attrs: dict) -> list[TensorType]:
+    fmt, codes = attrs["format"], ins[0]
+    _need(codes.dtype == fmt, f"codes must have type {fmt}, got {codes}")
+    want = _quant_types(fmt, codes.shape)
+    _need(len(ins) == len(want), f"{fmt} is dequantized from {', '.join(quant_parts(fmt))}: {len(want)} operands, got {len(ins)}")
+    for part, t, w in zip(quant_parts(fmt), ins, want):
+        _need(t.rank == w.rank and all(dims_equal(a, b) for a, b in zip(t.shape, w.shape)), f"{part} must be {w}, got {t}")
+    return [TensorType(codes.shape, attrs["dtype"])]
+
+
 def _softmax(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     _axis(attrs["axis"], ins[0].rank)
     return [ins[0]]
@@ -248,8 +293,8 @@ OPS: dict[str, OpDef] = {
         OpDef("expand", 1, 1, {"shape": (_DIMS, True)}, _expand),
         OpDef("slice", 1, 1, {k: (_DIM, True) for k in ("axis", "start", "end", "step")}, _slice),
         OpDef("cat", 1, None, {"axis": (_INT, True)}, _cat),
-        OpDef("quantize", 1, 3, {"format": ((object,), True)}),
-        OpDef("dequantize", 1, 3, {"format": ((object,), True)}),
+        OpDef("quantize", 1, 1, {"format": ((IntFormat, FloatFormat), True)}, _quantize, outputs=None),
+        OpDef("dequantize", 2, 4, {"format": ((IntFormat, FloatFormat), True), "dtype": ((DType,), True)}, _dequantize),
         OpDef(
             "torch",
             0,

@@ -49,8 +49,10 @@ def parse_attr(text: str) -> Any:
         _closing(text, "}")
         out = {}
         for item in split_top(text[1:-1]):
-            key, val = split_top(item, ":")
-            out[json.loads(key)] = parse_attr(val)
+            kv = split_top(item, ":")
+            if len(kv) != 2 or not kv[0].startswith('"'):
+                raise ValueError(f"malformed dict item {item!r} in {text!r}; expected \"KEY\": VALUE")
+            out[json.loads(kv[0])] = parse_attr(kv[1])
         return out
     if text[0] == "$":
         return Ref(int(text[1:]))

@@ -12,6 +12,7 @@ Every symbol is made by `sym(name)`, so the same name is the same symbol everywh
 
 from __future__ import annotations
 
+import functools
 import re
 import tokenize
 from dataclasses import dataclass
@@ -44,8 +45,31 @@ def norm_dim(d: object) -> Dim:
     if isinstance(d, sympy.Expr):
         if d.is_number and not d.is_Integer:
             raise TypeError(f"a dim must be an integer, got {d}")
-        return int(d) if d.is_Integer else d
+        return int(d) if d.is_Integer else _canonical(d)
     raise TypeError(f"a dim must be an int or a sympy expression, got {type(d).__name__} {d!r}")
+
+
+@functools.lru_cache(maxsize=8192)
+def _canonical(d: sympy.Expr) -> sympy.Expr:
+    """`d` in the form its printed text parses back to (`2*(b + 1)` reads back as `2*b + 2`),
+    so that printing a type and parsing it again gives the same type and the same text."""
+    for _ in range(4):
+        try:
+            back = _sympy_parse(str(d))
+        except (SyntaxError, TypeError, ValueError, tokenize.TokenError, sympy.SympifyError):
+            return d
+        if back == d or not isinstance(back, sympy.Expr):
+            return d
+        d = back
+    return d
+
+
+def _sympy_parse(text: str) -> sympy.Basic:
+    if not _EXPR_CHARS.fullmatch(text) or "__" in text:
+        # sympy.parse_expr evaluates Python: admit only names, integers, + - * / ( ) and commas.
+        raise ValueError(f"{text!r} is not a shape expression")
+    names = {n: sym(n) for n in _IDENT.findall(text) if n not in _FUNCTIONS}
+    return sympy.sympify(sympy.parse_expr(text, local_dict={**names, **_FUNCTIONS}, evaluate=True))
 
 
 def dim_str(d: Dim) -> str:
@@ -56,12 +80,9 @@ def parse_expr(text: str) -> Dim:
     """Read a dim expression (`s`, `2*s + 1`, `floor(s/2)`); every identifier is a size symbol."""
     expected = f"expected an integer expression of size symbols with + - * / and {', '.join(_FUNCTIONS)}"
     if not _EXPR_CHARS.fullmatch(text) or "__" in text:
-        # sympy.parse_expr evaluates Python: admit only names, integers, + - * / ( ) and commas.
         raise ValueError(f"malformed dim expression {text!r}; {expected}")
-    names = {n: sym(n) for n in _IDENT.findall(text) if n not in _FUNCTIONS}
     try:
-        expr = sympy.parse_expr(text, local_dict={**names, **_FUNCTIONS}, evaluate=True)
-        return norm_dim(sympy.sympify(expr))
+        return norm_dim(_sympy_parse(text))
     except (SyntaxError, TypeError, tokenize.TokenError, sympy.SympifyError) as e:
         raise ValueError(f"malformed dim expression {text!r} ({e}); {expected}") from None
 

@@ -89,6 +89,8 @@ def _check_node(node: Node, ranges: dict) -> str | None:
             inferred = opdef.infer([v.type for v in node.inputs], attrs)
         except (TypeError, KeyError, ValueError, IndexError) as e:
             return f"{node.op}: {e}"
+        if len(inferred) != len(node.types):
+            return f"{node.op} of these operands gives {len(inferred)} results, the node declares {len(node.types)}"
         for i, (d, t) in enumerate(zip(node.types, inferred)):
             if not _types_match(d, t, ranges):
                 return f"result {i} declared {d}, but {node.op} of these operands gives {t}"

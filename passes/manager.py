@@ -20,12 +20,14 @@ from typing import Any, Callable
 
 from ..ir import Graph, VerificationError, flags, verify as verify_graph
 from .canonicalize import canonicalize
+from .quantize import quantize
 
 Pass = Callable[..., Graph]
 
 #: Every pass by name. A pass is `fn(graph, **options) -> graph`.
 PASSES: dict[str, Pass] = {
     "canonicalize": canonicalize,
+    "quantize": quantize,
 }
 
 

@@ -18,10 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from ..ir import DType, Graph, Node, Ref, RuntimeDevice, TorchConst, flags
+from ..ir.formats import QTensor
+from ..ir.ops import quant_parts
 from ..ir.printer import print_node, value_names
 from .inputs import bind_inputs
 
 Impl = Callable[[list[torch.Tensor], dict[str, Any], "Frame"], Any]
+Observer = Callable[[Node, list[torch.Tensor]], None]
 
 
 class Frame:
@@ -90,6 +93,19 @@ def _rope(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
     return x * cos + rotated * sin
 
 
+def _quantize(ins: list[torch.Tensor], a: dict, fr: Frame) -> tuple[torch.Tensor, ...]:
+    q = a["format"].quantize(ins[0])
+    parts = {"codes": q.codes, "scale": q.scale, "zero": q.zero, "global": q.global_scale}
+    return tuple(parts[p] for p in quant_parts(a["format"]))
+
+
+def _dequantize(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
+    fmt = a["format"]
+    parts = dict(zip(quant_parts(fmt), ins))
+    q = QTensor(parts["codes"].float(), parts["scale"].float(), parts.get("zero"), parts.get("global"))
+    return fmt.dequantize(q).to(a["dtype"].torch)
+
+
 def _torch(ins: list[torch.Tensor], a: dict, fr: Frame) -> Any:
     fn = _resolve_target(a["target"])
     return fn(*fr.attr(a["args"], ins), **fr.attr(a.get("kwargs", {}), ins))
@@ -132,6 +148,8 @@ IMPLS: dict[str, Impl] = {
         ins[0], a["axis"], fr.size(a["start"]), fr.size(a["end"]), fr.size(a["step"])
     ),
     "cat": lambda ins, a, fr: torch.cat(ins, a["axis"]),
+    "quantize": _quantize,
+    "dequantize": _dequantize,
     "torch": _torch,
 }
 
@@ -169,12 +187,16 @@ class ReferenceExecutor:
                 out.setdefault(i, []).append(node)
         return out
 
-    def __call__(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def __call__(self, inputs: Sequence[torch.Tensor], observer: Observer | None = None) -> list[torch.Tensor]:
+        """The graph's outputs for `inputs`; `observer(node, operands)` sees every node's
+        operands before it runs (calibration reads activations this way)."""
         sizes = bind_inputs(self.graph, inputs, self.device)
         frame = Frame(sizes, self.device)
         env: dict[Node, tuple[torch.Tensor, ...]] = {n: (t,) for n, t in zip(self.graph.inputs, inputs)}
         with torch.no_grad():
             for i, node in enumerate(self.graph.nodes):
+                if observer is not None:
+                    observer(node, [env[v.node][v.index] for v in node.inputs])
                 env[node] = self._run(node, env, frame)
                 for dead in self._last_use.get(i, ()):
                     env.pop(dead, None)

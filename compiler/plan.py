@@ -1,0 +1,244 @@
+"""Plans: which tensor gets which number format.
+
+A plan is a list of rules and a default. A rule matches layers by a glob over the module
+path (`*.mlp.down_proj`, `lm_head`) and by op kind (`linear`, ...); the first rule that
+matches wins. It gives the weight format, the input activation format and the KV-cache
+format, each a number format or None (keep float):
+
+    plan = Plan(
+        rules=[Rule("lm_head", weight=None), Rule("*.mlp.down_proj", weight="int8<sym,channel>")],
+        default=Rule(weight="int4<asym,g128>"),
+    )
+    plan = Plan.preset("w4a16-g128")          # a name expands into a plan (plan.explain() shows it)
+    plan = Plan.from_json(path_or_text)       # the JSON form: Plan.to_json() writes it
+
+Quantization options live on the plan: `method` "rtn" (round to nearest), "gptq", or
+"auto" (GPTQ when calibration data is given, else round to nearest, with a warning), and
+`clip_search` (None: on when calibration data is given). A rule may override them per layer
+with `options`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import json
+import os
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable
+
+from .ir import FloatFormat, IntFormat, NumberFormat, parse_format
+
+OP_KINDS = ("linear", "embedding", "attention")
+METHODS = ("auto", "rtn", "gptq")
+
+
+def _fmt(value: Any, what: str) -> NumberFormat | None:
+    if value is None or isinstance(value, (IntFormat, FloatFormat)):
+        return value
+    if isinstance(value, str):
+        if value.lower() in ("none", "float", "f32", "fp32", "f16", "bf16"):
+            return None
+        try:
+            return parse_format(value)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+    raise TypeError(f"{what}: expected a number format or its text, got {type(value).__name__} {value!r}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Layers whose module path matches `match` (a glob) and whose op is `op` get these
+    formats. None keeps a tensor in float."""
+
+    match: str = "*"
+    op: str = "linear"
+    weight: NumberFormat | None = None
+    act: NumberFormat | None = None
+    kv: NumberFormat | None = None
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.op not in OP_KINDS:
+            raise ValueError(f"rule {self.match!r}: unknown op kind {self.op!r}; expected one of {', '.join(OP_KINDS)}")
+        for key in ("weight", "act", "kv"):
+            object.__setattr__(self, key, _fmt(getattr(self, key), f"rule {self.match!r} {key}"))
+        if self.act is not None and self.act.scaling.kind == "channel":
+            raise ValueError(
+                f"rule {self.match!r}: activation format {self.act} scales per channel; activations scale per "
+                "token (dynamic), per tensor (static) or per group/block along the reduction axis"
+            )
+        if self.weight is not None and self.weight.scaling.kind == "token":
+            raise ValueError(
+                f"rule {self.match!r}: weight format {self.weight} scales per token; weights scale per tensor, "
+                "channel, group or block"
+            )
+
+    def matches(self, path: str, op: str) -> bool:
+        return op == self.op and fnmatch.fnmatchcase(path, self.match)
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"match": self.match, "op": self.op}
+        for key in ("weight", "act", "kv"):
+            val = getattr(self, key)
+            out[key] = None if val is None else str(val)
+        if self.options:
+            out["options"] = dict(self.options)
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Rules (first match wins), a default rule, and quantization options."""
+
+    rules: tuple[Rule, ...] = ()
+    default: Rule = Rule()
+    method: str = "auto"
+    clip_search: bool | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if self.method not in METHODS:
+            raise ValueError(f"unknown quantization method {self.method!r}; expected one of {', '.join(METHODS)}")
+
+    def resolved(self, calibrated: bool) -> "Plan":
+        """This plan with `auto` choices made for whether calibration data is available."""
+        method = self.method if self.method != "auto" else ("gptq" if calibrated else "rtn")
+        clip = self.clip_search if self.clip_search is not None else calibrated
+        if (method == "gptq" or clip) and not calibrated:
+            raise ValueError(
+                f"plan {self.name or '(custom)'} asks for {'GPTQ' if method == 'gptq' else 'a clipping search'}, "
+                "which needs calibration data: pass calibration=tokenizer (real text) or a list of token-id tensors"
+            )
+        return replace(self, method=method, clip_search=clip)
+
+    def rule_for(self, path: str, op: str = "linear") -> Rule:
+        """The first rule matching `path` and `op`, else the default (for its op kind)."""
+        for rule in self.rules:
+            if rule.matches(path, op):
+                return rule
+        return self.default if op == self.default.op else Rule(op=op)
+
+    def check_matches(self, paths: Iterable[str], op: str = "linear") -> list[str]:
+        """Warn for every rule that matches none of `paths`, naming the closest paths."""
+        paths = list(paths)
+        unmatched = []
+        for rule in self.rules:
+            if rule.op == op and not any(rule.matches(p, op) for p in paths):
+                close = difflib.get_close_matches(rule.match, paths, n=3, cutoff=0.3)
+                msg = f"plan rule {rule.match!r} ({rule.op}) matches no layer"
+                if close:
+                    msg += f"; closest: {', '.join(close)}"
+                warnings.warn(msg, stacklevel=3)
+                unmatched.append(rule.match)
+        return unmatched
+
+    # ------------------------------------------------------------------ text forms
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "method": self.method,
+            "clip_search": self.clip_search,
+            "default": self.default.to_dict(),
+            "rules": [r.to_dict() for r in self.rules],
+        }
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @staticmethod
+    def from_dict(data: dict) -> "Plan":
+        known = {"name", "method", "clip_search", "default", "rules"}
+        extra = sorted(set(data) - known)
+        if extra:
+            raise ValueError(f"plan has unknown key(s) {extra}; expected {sorted(known)}")
+        return Plan(
+            rules=tuple(Rule(**r) for r in data.get("rules", [])),
+            default=Rule(**data["default"]) if "default" in data else Rule(),
+            method=data.get("method", "auto"),
+            clip_search=data.get("clip_search"),
+            name=data.get("name"),
+        )
+
+    @staticmethod
+    def from_json(source: str | os.PathLike) -> "Plan":
+        """A plan from a JSON file path or JSON text."""
+        text = str(source)
+        if not text.lstrip().startswith("{"):
+            text = Path(source).read_text()
+        try:
+            return Plan.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"plan JSON is malformed: {e}") from None
+
+    @staticmethod
+    def preset(name: str) -> "Plan":
+        """The plan a preset name stands for (see `PRESETS`)."""
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown plan preset {name!r}; expected one of {', '.join(PRESETS)}") from None
+
+    @staticmethod
+    def coerce(plan: "Plan | str | dict | os.PathLike") -> "Plan":
+        """A plan from a Plan, a preset name, a dict, JSON text or a JSON file path."""
+        if isinstance(plan, Plan):
+            return plan
+        if isinstance(plan, dict):
+            return Plan.from_dict(plan)
+        if isinstance(plan, str) and plan in PRESETS:
+            return PRESETS[plan]
+        if isinstance(plan, (str, os.PathLike)) and (str(plan).lstrip().startswith("{") or Path(plan).is_file()):
+            return Plan.from_json(plan)
+        raise ValueError(f"unknown plan {plan!r}: expected a Plan, a JSON file or text, or a preset: {', '.join(PRESETS)}")
+
+    def explain(self, layers: Iterable[tuple[str, str]] | None = None) -> str:
+        """The plan as a table; with `layers` ((module path, op) pairs), the rule and formats
+        each layer gets."""
+        clip = {None: "auto", True: "on", False: "off"}[self.clip_search]
+        lines = [f"plan {self.name or '(custom)'}: method {self.method}, clip search {clip}"]
+        if layers is None:
+            for r in (*self.rules, replace(self.default, match="* (default)")):
+                lines.append(f"  {r.match:<32} {r.op:<9} weight {_s(r.weight):<34} act {_s(r.act):<18} kv {_s(r.kv)}")
+            return "\n".join(lines)
+        lines.append(f"  {'layer':<40} {'rule':<20} {'weight':<34} {'act':<18} kv")
+        for path, op in layers:
+            r = self.rule_for(path, op)
+            lines.append(f"  {path:<40} {r.match:<20} {_s(r.weight):<34} {_s(r.act):<18} {_s(r.kv)}")
+        return "\n".join(lines)
+
+
+def _s(fmt: NumberFormat | None) -> str:
+    return "float" if fmt is None else str(fmt)
+
+
+def _preset(name: str, weight: str | None, act: str | None = None, kv: str | None = None, **kw: Any) -> Plan:
+    # lm_head and embeddings stay float by default: they dominate the error of small models.
+    return Plan(rules=(Rule("lm_head", weight=None),), default=Rule(weight=weight, act=act, kv=kv), name=name, **kw)
+
+
+PRESETS: dict[str, Plan] = {
+    p.name: p  # type: ignore[misc]
+    for p in [
+        _preset("w8a8", "int8<sym,channel>", "int8<sym,token>"),
+        _preset("w8a16", "int8<sym,channel>"),
+        _preset("w4a16", "int4<asym,channel>"),
+        _preset("w4a16-g128", "int4<asym,g128>"),
+        _preset("w4a16-g64", "int4<asym,g64>"),
+        _preset("w4a16-g32", "int4<asym,g32>"),
+        _preset("w3a16-g128", "int3<asym,g128>"),
+        _preset("w2a16-g64", "int2<asym,g64>"),
+        _preset("w4a8", "int4<asym,g128>", "int8<sym,token>"),
+        _preset("fp8", "fp8e4m3<channel>", "fp8e4m3<token>"),
+        _preset("nvfp4", "nvfp4"),
+        _preset("mxfp4", "mxfp4"),
+        _preset("mxfp6", "mxfp6"),
+        _preset("mxfp8", "mxfp8"),
+    ]
+}
