@@ -3,12 +3,15 @@
     import mxc
     compiled = mxc.compile(model, example_inputs=ids)
     compiled(ids).logits
+    q = mxc.compile(model, "w4a16-g128", calibration=tokenizer)   # GPTQ + clipping search
+    print(q.report())
 """
 
 from . import eval, models  # noqa: A004 - `mxc.eval` is the evaluation module
 from .compiled import CompiledModel, Report
 from .driver import FLOAT_PIPELINE, compile  # noqa: A004
 from .frontends.torch_export import CaptureError
+from .plan import PRESETS, Plan, Rule
 from .runtime import ExecutionError, InputError
 from .signature import CallError
 
@@ -16,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CallError", "CaptureError", "CompiledModel", "ExecutionError", "FLOAT_PIPELINE", "InputError",
-    "Report", "compile", "eval", "models",
+    "PRESETS", "Plan", "Report", "Rule", "compile", "eval", "models",
 ]

@@ -159,8 +159,8 @@ class Plan:
         if extra:
             raise ValueError(f"plan has unknown key(s) {extra}; expected {sorted(known)}")
         return Plan(
-            rules=tuple(Rule(**r) for r in data.get("rules", [])),
-            default=Rule(**data["default"]) if "default" in data else Rule(),
+            rules=tuple(_rule_from_dict(r, f"rules[{i}]") for i, r in enumerate(data.get("rules", []))),
+            default=_rule_from_dict(data["default"], "default") if "default" in data else Rule(),
             method=data.get("method", "auto"),
             clip_search=data.get("clip_search"),
             name=data.get("name"),
@@ -194,7 +194,7 @@ class Plan:
             return Plan.from_dict(plan)
         if isinstance(plan, str) and plan in PRESETS:
             return PRESETS[plan]
-        if isinstance(plan, (str, os.PathLike)) and (str(plan).lstrip().startswith("{") or Path(plan).is_file()):
+        if isinstance(plan, (str, os.PathLike)) and (str(plan).lstrip().startswith("{") or _is_file(plan)):
             return Plan.from_json(plan)
         raise ValueError(f"unknown plan {plan!r}: expected a Plan, a JSON file or text, or a preset: {', '.join(PRESETS)}")
 
@@ -212,6 +212,26 @@ class Plan:
             r = self.rule_for(path, op)
             lines.append(f"  {path:<40} {r.match:<20} {_s(r.weight):<34} {_s(r.act):<18} {_s(r.kv)}")
         return "\n".join(lines)
+
+
+_RULE_KEYS = ("match", "op", "weight", "act", "kv", "options")
+
+
+def _rule_from_dict(data: Any, where: str) -> Rule:
+    """A rule from its JSON form; unknown keys are named with the valid ones."""
+    if not isinstance(data, dict):
+        raise ValueError(f"plan {where}: expected an object with keys {list(_RULE_KEYS)}, got {data!r}")
+    extra = sorted(set(data) - set(_RULE_KEYS))
+    if extra:
+        raise ValueError(f"plan {where} has unknown key(s) {extra}; expected {list(_RULE_KEYS)}")
+    return Rule(**data)
+
+
+def _is_file(path: str | os.PathLike) -> bool:
+    try:
+        return Path(path).is_file()
+    except OSError:  # e.g. a name too long to be a path
+        return False
 
 
 def _s(fmt: NumberFormat | None) -> str:

@@ -160,6 +160,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     clip: float | torch.Tensor | None = None,
+    factors: dict | None = None,
 ) -> QTensor:
     """GPTQ of `w` [N, K] (out, in) under the Hessian `h` [K, K] of its inputs: codes and the
     scales GPTQ chose, in `fmt.quantize`'s layout (`fmt.dequantize(q, K)` is the weight).
@@ -167,7 +168,9 @@ def gptq_quantize(
     `block_size` columns are updated lazily together; `damp` adds damp·mean(diag H) to the
     diagonal; a dead input channel (H's diagonal 0) gets weight 0; `act_order` rounds the
     columns with the largest diagonal first, with static scales; `clip` (a float or per
-    block [N, n_blocks]) shrinks the block scales as in `block_scales`."""
+    block [N, n_blocks]) shrinks the block scales as in `block_scales`. `factors`, a dict
+    kept with the Hessian, caches its column order and inverse Cholesky factor for the
+    layers that share it (q/k/v, gate/up)."""
     if w.dim() != 2 or h.shape != (w.shape[1], w.shape[1]):
         raise ValueError(
             f"gptq: expected a weight [N, K] and a Hessian [K, K], got {list(w.shape)} and {list(h.shape)}"
@@ -189,9 +192,15 @@ def gptq_quantize(
     else:
         scales = block_scales(w, fmt, clip, glob)
 
-    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
-    u = _inverse_cholesky(h, damp)
+    key = (damp, act_order)
+    if factors is not None and key in factors:
+        perm, u = factors[key]
+    else:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(k)
+        u = _inverse_cholesky(h[perm][:, perm], damp).float()  # float64 factorisation, float32 updates
+        if factors is not None:
+            factors[key] = (perm, u)
+    w = w[:, perm]
     codes = torch.zeros(n, k)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)

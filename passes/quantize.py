@@ -63,9 +63,11 @@ def layer_path(node: Node, weight: Node | None = None) -> str:
 
 
 def storage(codes: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
-    """Codes in their storage tensor: int8 for integers; float16 for float grids (exact:
-    every fp8/fp6/fp4 value is a float16)."""
-    return codes.to(torch.int8) if isinstance(fmt, IntFormat) else codes.to(torch.float16)
+    """Codes in their storage tensor: int8 for symmetric integers, uint8 for asymmetric ones
+    (codes up to 255); float16 for float grids (exact: every fp8/fp6/fp4 value is a float16)."""
+    if isinstance(fmt, IntFormat):
+        return codes.to(torch.int8 if fmt.symmetric else torch.uint8)
+    return codes.to(torch.float16)
 
 
 def format_bytes(fmt: NumberFormat, shape: tuple[int, ...]) -> int:
@@ -89,7 +91,13 @@ def format_bytes(fmt: NumberFormat, shape: tuple[int, ...]) -> int:
 
 
 def quantize_weight(
-    w: torch.Tensor, fmt: NumberFormat, *, method: str, clip_search: bool, hessian: torch.Tensor | None
+    w: torch.Tensor,
+    fmt: NumberFormat,
+    *,
+    method: str,
+    clip_search: bool,
+    hessian: torch.Tensor | None,
+    factors: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The quantized parts of `w` ([N, K]) and their dequantized value."""
     w = w.float()
@@ -103,7 +111,7 @@ def quantize_weight(
             raise ValueError("GPTQ needs calibration Hessians: compile with calibration data")
         from .gptq import gptq_quantize
 
-        q = gptq_quantize(w, hessian, fmt, clip=clip if clip_search else None)
+        q = gptq_quantize(w, hessian, fmt, clip=clip if clip_search else None, factors=factors)
     else:
         q = fmt.quantize(w, clip)
     parts = {"codes": storage(q.codes, fmt), "scale": q.scale, "zero": q.zero, "global": q.global_scale}
@@ -141,8 +149,12 @@ def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
         if rule.weight is not None:
             fmt, w = rule.weight, graph.weights[wnode.get("name")]
             opts = {"method": plan.method, "clip_search": plan.clip_search, **rule.options}
-            hessian = calib.get(path, {}).get("hessian")
-            parts, wq = quantize_weight(w, fmt, method=opts["method"], clip_search=opts["clip_search"], hessian=hessian)
+            stats = calib.get(path, {})
+            hessian = stats.get("hessian")
+            parts, wq = quantize_weight(
+                w, fmt, method=opts["method"], clip_search=opts["clip_search"], hessian=hessian,
+                factors=stats.setdefault("gptq_factors", {}) if hessian is not None else None,
+            )
             consts = []
             for part, t in zip(quant_parts(fmt), _parts_types(fmt, wnode.types[0])):
                 name = f"{path}.weight" + ("" if part == "codes" else f".{part}")
@@ -193,9 +205,7 @@ def _layer_record(fmt: NumberFormat, w: torch.Tensor, wq: torch.Tensor, hessian:
         "weight_error": float(err),
     }
     if hessian is not None:
-        d = (wq - w.float()).double()
-        h = hessian.double()
-        num = torch.einsum("nk,kl,nl->", d, h, d)
-        den = torch.einsum("nk,kl,nl->", w.double(), h, w.double())
-        rec["output_error"] = float((num / den).sqrt())
+        from .clip import output_error
+
+        rec["output_error"] = output_error(w.float(), wq, hessian.float())
     return rec
