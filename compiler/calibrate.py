@@ -35,9 +35,9 @@ def text_batches(tokenizer: Any, *, n: int = 16, seq_len: int = 512, text: str |
     return list(tail)
 
 
-def calibrate(graph: Graph, batches: Iterable[Any], *, input_of: Any = None) -> dict[str, dict]:
-    """Hessians and per-channel abs-max of every linear's input over `batches`. A batch is
-    a tensor of token ids ([seq] or [b, seq]) or the list of the graph's input tensors."""
+def calibrate(graph: Graph, batches: Iterable[list[torch.Tensor]]) -> dict[str, dict]:
+    """Hessians and per-channel abs-max of every linear's input over `batches`, each the
+    list of the graph's input tensors (`mxc.driver.calibration_inputs` makes them)."""
     run = ReferenceExecutor(graph, check_shapes=False)
     readers: dict[Value, list[str]] = {}
     for node in graph.nodes:
@@ -61,8 +61,7 @@ def calibrate(graph: Graph, batches: Iterable[Any], *, input_of: Any = None) -> 
 
     for batch in tqdm(list(batches), desc="calibrate", disable=None):
         seen.clear()
-        inputs = [batch if batch.dim() == 2 else batch[None]] if isinstance(batch, torch.Tensor) else list(batch)
-        run(inputs, observer=observe)
+        run(list(batch), observer=observe)
     stats: dict[str, dict] = {}
     for v, paths in readers.items():
         if acc[v].rows == 0:

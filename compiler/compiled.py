@@ -105,9 +105,9 @@ class CompiledModel:
         counts = self.graph.op_counts()
         fallbacks = {k.removeprefix("torch:"): v for k, v in counts.items() if k.startswith("torch:")}
         layers = dict(self.graph.meta.get("quantized", {}))
-        quantized = {f"{p}.weight" for p, r in layers.items() if "format" in r}
+        packed_names = {n for r in layers.values() for n in r.get("weights", ())}  # counted in r["bytes"]
         weights = self.graph.used_weights()
-        plain = sum(t.numel() * t.element_size() for k, t in weights.items() if k.rsplit(".", 1)[0] not in quantized and k not in quantized)
+        plain = sum(t.numel() * t.element_size() for k, t in weights.items() if k not in packed_names)
         packed = sum(r["bytes"] for r in layers.values() if "bytes" in r)
         before = sum(r["float_bytes"] for r in layers.values() if "float_bytes" in r)
         name = getattr(self.plan, "name", None) or (None if self.plan is None else "custom")

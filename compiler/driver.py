@@ -21,6 +21,7 @@ from .ir import flags
 from .passes import run_pipeline
 from .calibrate import calibrate, text_batches
 from .plan import Plan
+from .signature import CallSpec
 from .runtime import BACKENDS
 
 #: The passes run for a model with no plan, in order.
@@ -72,12 +73,34 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         graph = captured.graph
         if calibration is not None:
             graph = run_pipeline(graph, FLOAT_PIPELINE, verify=debug).graph
-            batches = calibration if isinstance(calibration, (list, tuple)) else text_batches(calibration)
-            graph.meta["calibration"] = calibrate(graph, batches)
+            graph.meta["calibration"] = calibrate(graph, calibration_inputs(calibration, captured.call_spec))
         options = {"quantize": {"plan": plan}}
         result = run_pipeline(graph, QUANT_PIPELINE, options=options, verify=debug, dump_dir=dump_ir)
     executor = BACKENDS[backend](result.graph, device=device, check_shapes=debug)
     return CompiledModel(result.graph, captured.call_spec, executor, backend, result.timings, plan)
+
+
+def calibration_inputs(calibration: Any, spec: CallSpec) -> list[list[torch.Tensor]]:
+    """The graph inputs of each calibration batch. `calibration` is a tokenizer (windows of
+    real text) or a list of batches: token-id tensors ([seq] or [b, seq]) or dicts of
+    keyword arguments. An `attention_mask` (ones) and `token_type_ids` (zeros) that the
+    graph takes but a batch lacks are filled in."""
+    batches = calibration if isinstance(calibration, (list, tuple)) else text_batches(calibration)
+    out = []
+    for b in batches:
+        if isinstance(b, torch.Tensor):
+            kwargs = {spec.inputs[0]: b if b.dim() == 2 else b[None]}
+        elif isinstance(b, dict):
+            kwargs = dict(b)
+        else:
+            raise TypeError(f"a calibration batch must be a tensor of token ids or a dict of inputs, got {type(b).__name__}")
+        ids = next(iter(kwargs.values()))
+        if "attention_mask" in spec.inputs and "attention_mask" not in kwargs:
+            kwargs["attention_mask"] = torch.ones_like(ids)
+        if "token_type_ids" in spec.inputs and "token_type_ids" not in kwargs:
+            kwargs["token_type_ids"] = torch.zeros_like(ids)
+        out.append(spec.bind((), kwargs))
+    return out
 
 
 def _linear_paths(graph) -> list[str]:
