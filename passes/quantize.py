@@ -4,7 +4,9 @@ For every `linear` whose weight is a `const`, the plan's rule for the layer's mo
 (`node.loc`) decides:
 
 - weight format: the weight becomes quantized constants (codes, scales, zero points) named
-  `{path}.weight`, `{path}.weight.scale`, ... and a `dequantize` feeds the linear;
+  `{path}.weight`, `{path}.weight.scale`, ... and a `dequantize` feeds the linear (a weight
+  other nodes still read in float, such as an lm_head tied to the embedding, keeps its name,
+  and the quantized constants are `{path}.qweight`, `{path}.qweight.scale`, ...);
 - activation format: the linear's input passes through `quantize` (scales computed per
   token at run time) and `dequantize`.
 
@@ -135,6 +137,10 @@ def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
     calib: dict[str, dict] = graph.meta.get("calibration", {})
     weights = dict(graph.weights)
     record: dict[str, dict] = {}
+    readers: dict[Node, int] = {}  # a tied weight (lm_head = embedding) has several
+    for n in graph.nodes:
+        for v in n.inputs:
+            readers[v.node] = readers.get(v.node, 0) + 1
 
     def linear(node: Node) -> list[Node] | None:
         wnode = node.inputs[1].node
@@ -156,15 +162,18 @@ def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
                 factors=stats.setdefault("gptq_factors", {}) if hessian is not None else None,
             )
             consts = []
+            base = f"{path}.weight"
+            if base in graph.weights and (wnode.get("name") != base or readers.get(wnode, 0) > 1):
+                base = f"{path}.qweight"  # the float tensor keeps its name for its other readers
             for part, t in zip(quant_parts(fmt), _parts_types(fmt, wnode.types[0])):
-                name = f"{path}.weight" + ("" if part == "codes" else f".{part}")
+                name = base + ("" if part == "codes" else f".{part}")
                 weights[name] = parts[part]
                 consts.append(Node.create("const", (), {"name": name}, [t]))
             attrs = {"format": fmt, "dtype": wnode.types[0].dtype}
             dq = Node.create("dequantize", [c.out for c in consts], attrs, [wnode.types[0]], node.loc)
             emitted += [*consts, dq]
             inputs[1] = dq.out
-            record[path] = _layer_record(fmt, w, wq, hessian)
+            record[path] = {**_layer_record(fmt, w, wq, hessian), "weights": [c.get("name") for c in consts]}
         return [*emitted, node.replace(inputs=inputs)]
 
     def attention(node: Node) -> list[Node] | None:

@@ -105,8 +105,8 @@ def test_unknown_backend_and_plan(tiny_llama_factory):
     model = tiny_llama_factory(layers=1)
     with pytest.raises(ValueError, match=r"unknown backend 'cuda-magic'; expected one of reference"):
         mxc.compile(model, backend="cuda-magic")
-    with pytest.raises(NotImplementedError, match=r"quantization plans are not implemented yet"):
-        mxc.compile(model, "w4a16")
+    with pytest.raises(ValueError, match=r"unknown plan 'w5a17'.*expected .*w4a16-g128"):
+        mxc.compile(model, "w5a17")
 
 
 class DataDependent(torch.nn.Module):

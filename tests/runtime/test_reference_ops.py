@@ -26,10 +26,14 @@ from mxc.ir import (
     Graph,
     Node,
     Ref,
+    IntFormat,
     TensorType,
+    VerificationError,
+    parse_format,
     sym,
     verify,
 )
+from mxc.ir.ops import quant_parts
 from mxc.runtime import ExecutionError, InputError, ReferenceExecutor, bind_inputs
 from mxc.runtime.reference import IMPLS
 
@@ -96,7 +100,7 @@ def test_every_op_of_the_reference_backend_is_covered():
     tested = {
         "linear", "matmul", "embedding", "rms_norm", "layer_norm", "add", "mul", "silu", "relu",
         "tanh", "gelu", "softmax", "attention", "rope", "cast", "reshape", "transpose", "permute",
-        "unsqueeze", "expand", "slice", "cat", "torch",
+        "unsqueeze", "expand", "slice", "cat", "torch", "quantize", "dequantize",
     }
     assert set(IMPLS) == tested
 
@@ -472,6 +476,124 @@ def test_cat():
         exact(run1(g3, a4, c), torch.cat([a4, c], 1))
 
 
+# --------------------------------------------------------------------------- quantize and dequantize
+
+
+def quant_dequant_graph(fmt, x_type, dtype=F32):
+    """input -> quantize {fmt} -> dequantize {fmt, dtype}: the fake-quantized input."""
+    x = Node.create("input", (), {"name": "x", "index": 0}, [x_type])
+    q = Node.create("quantize", [x.out], {"format": fmt}, OPS["quantize"].infer([x_type], {"format": fmt}))
+    dq = Node.create("dequantize", q.outs, {"format": fmt, "dtype": dtype}, [TensorType(x_type.shape, dtype)])
+    return verify(Graph("qdq", (x,), (q, dq), (*q.outs, dq.out), DIMS[:2]))
+
+
+@pytest.mark.parametrize("text", ["int8<sym,token>", "fp8e4m3<token>", "int4<sym,g32>", "int4<asym,g32>", "nvfp4"])
+def test_quantize_then_dequantize_is_the_formats_fake(text):
+    fmt = parse_format(text)
+    g = quant_dequant_graph(fmt, TensorType((B, S, 72), F32))  # 72 = 2 groups of 32 and one of 8
+    parts = quant_parts(fmt)
+    assert [t.dtype for t in g.outputs[0].node.types] == [fmt] + [F32] * (len(parts) - 1)
+    for b, s in SIZES:
+        x = randn(b, s, 72) * torch.rand(b, s, 1) * 10
+        *got_parts, got = run(g, x)
+        exact(got, fmt.fake(x))
+        q = fmt.quantize(x)
+        want = {"codes": q.codes, "scale": q.scale, "zero": q.zero, "global": q.global_scale}
+        for part, t in zip(parts, got_parts):
+            exact(t, want[part])
+        assert not torch.equal(got, x)  # it did quantize
+
+
+def test_per_token_scales_are_one_per_row():
+    fmt = parse_format("int8<sym,token>")
+    g = quant_dequant_graph(fmt, TensorType((B, S, 72), F32))
+    x = randn(3, 7, 72)
+    x[1, 2] *= 1000.0  # one loud token does not change the others' scales
+    codes, scale, got = run(g, x)
+    assert scale.shape == (3, 7, 1)
+    torch.testing.assert_close(scale[..., 0], x.abs().amax(-1) / 127, rtol=0, atol=0)
+    y = x.clone()
+    y[1, 2] = randn(72)
+    _, _, other = run(g, y)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 2] = False
+    exact(got[mask], other[mask])
+
+
+def test_dequantize_to_f16():
+    fmt = parse_format("int4<sym,g32>")
+    g = quant_dequant_graph(fmt, TensorType((B, S, 72), F32), dtype=F16)
+    x = randn(2, 5, 72)
+    *_, got = run(g, x)
+    exact(got, fmt.fake(x).half())
+
+
+def const_node(name, tensor, t):
+    return Node.create("const", (), {"name": name}, [t])
+
+
+def dequantize_graph(fmt, parts, n, k, *, operands=None):
+    """consts holding `parts` (codes in their int8 / f16 storage) -> dequantize {fmt}."""
+    names = quant_parts(fmt) if operands is None else operands
+    types = dict(zip(quant_parts(fmt), OPS["quantize"].infer([TensorType((n, k), F32)], {"format": fmt})))
+    consts = [const_node(f"w.{p}", parts[p], types[p]) for p in names]
+    dq = Node.create("dequantize", [c.out for c in consts], {"format": fmt, "dtype": F32}, [TensorType((n, k), F32)])
+    weights = {f"w.{p}": parts[p] for p in names}
+    return Graph("dq", (), (*consts, dq), (dq.out,), (), weights)
+
+
+@pytest.mark.parametrize("text", ["int4<asym,g32>", "int3<sym,g64>", "int8<asym,channel>", "mxfp4", "nvfp4", "fp8e5m2<channel>"])
+def test_dequantize_from_constants_is_the_formats_dequantize(text):
+    from mxc.passes.quantize import storage
+
+    fmt = parse_format(text)
+    n, k = 11, 200
+    w = randn(n, k) * torch.rand(n, 1) * 4
+    q = fmt.quantize(w)
+    parts = {"codes": storage(q.codes, fmt), "scale": q.scale, "zero": q.zero, "global": q.global_scale}
+    g = verify(dequantize_graph(fmt, parts, n, k))
+    got = run1(g)
+    exact(got, fmt.dequantize(q))
+    close(got, fmt.fake(w))
+    # independent formula for integers: (codes - zero) * scale, group by group
+    if isinstance(fmt, IntFormat):
+        block = fmt.scaling.block(k)
+        z = 0 if q.zero is None else q.zero.repeat_interleave(block, -1)[:, :k]
+        exact(got, (q.codes - z) * q.scale.repeat_interleave(block, -1)[:, :k])
+
+
+def test_verify_refuses_a_dequantize_without_its_zero_points():
+    fmt = parse_format("int4<asym,g32>")
+    q = fmt.quantize(randn(5, 72))
+    parts = {"codes": q.codes.to(torch.int8), "scale": q.scale, "zero": q.zero}
+    g = dequantize_graph(fmt, parts, 5, 72, operands=("codes", "scale"))
+    with pytest.raises(VerificationError) as info:
+        verify(g)
+    msg = str(info.value)
+    assert "int4<asym,g32> is dequantized from codes, scale, zero" in msg and "got 2" in msg
+    assert "dequantize(%0, %1)" in msg
+
+
+def test_verify_refuses_mismatched_quant_parts():
+    fmt = parse_format("int4<sym,g32>")
+    # scales for groups of 64 where the format has groups of 32
+    codes = Node.create("input", (), {"name": "c", "index": 0}, [TensorType((S, 72), fmt)])
+    scale = Node.create("input", (), {"name": "sc", "index": 1}, [TensorType((S, 2), F32)])
+    dq = Node.create("dequantize", [codes.out, scale.out], {"format": fmt, "dtype": F32}, [TensorType((S, 72), F32)])
+    with pytest.raises(VerificationError, match=r"scale must be f32\[s, 3\], got f32\[s, 2\]"):
+        verify(Graph("bad", (codes, scale), (dq,), (dq.out,), DIMS[1:2]))
+    # codes of another format
+    other = Node.create("input", (), {"name": "c", "index": 0}, [TensorType((S, 72), parse_format("int8<sym,g32>"))])
+    dq = Node.create("dequantize", [other.out, scale.out], {"format": fmt, "dtype": F32}, [TensorType((S, 72), F32)])
+    with pytest.raises(VerificationError, match=r"codes must have type int4<sym,g32>, got int8<sym,g32>\[s, 72\]"):
+        verify(Graph("bad", (other, scale), (dq,), (dq.out,), DIMS[1:2]))
+    # quantize of an integer tensor
+    ids = Node.create("input", (), {"name": "ids", "index": 0}, [TensorType((S, 72), I64)])
+    q = Node.create("quantize", [ids.out], {"format": fmt}, [TensorType((S, 72), fmt), TensorType((S, 3), F32)])
+    with pytest.raises(VerificationError, match="quantize reads a float tensor"):
+        verify(Graph("bad", (ids,), (q,), q.outs, DIMS[1:2]))
+
+
 # --------------------------------------------------------------------------- torch fallback nodes
 
 
@@ -689,8 +811,10 @@ def test_failing_torch_node_is_named():
 
 
 def test_op_without_a_rule_is_refused_up_front():
+    # `fused` (a group formed by the fusion pass) runs through its kernels, never node by node
+    assert "fused" not in IMPLS
     x = Node.create("input", (), {"name": "x", "index": 0}, [TensorType((B, 4), F32)])
-    q = Node.create("quantize", [x.out], {"format": "int8"}, [TensorType((B, 4), F32)])
-    g = Graph("quant", (x,), (q,), (q.out,), DIMS)
-    with pytest.raises(ExecutionError, match="no rule for op 'quantize'"):
+    q = Node.create("fused", [x.out], {}, [TensorType((B, 4), F32)])
+    g = Graph("fusedg", (x,), (q,), (q.out,), DIMS)
+    with pytest.raises(ExecutionError, match="no rule for op 'fused'"):
         ReferenceExecutor(g)
