@@ -57,3 +57,12 @@ def captured_tiny_llama(tiny_llama):
     from mxc.frontends.torch_export import capture
 
     return capture(tiny_llama)
+
+
+@pytest.fixture
+def one_thread():
+    """Many tiny CPU ops (GPTQ, clip search): threads only add scheduling stalls on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

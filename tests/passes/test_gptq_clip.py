@@ -21,13 +21,7 @@ GPTQ_FORMATS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These are many tiny CPU ops: threads only add scheduling stalls on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def layer(seed: int, n: int = N, k: int = K, heavy: bool = False):

@@ -36,13 +36,7 @@ MIXED = {
 PLANS = PRESETS + ["mixed"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny CPU ops (GPTQ, clip search): threads only add scheduling stalls on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def as_plan(name: str) -> Plan:
