@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .ir import Graph, Node, Value  # noqa: F401
+from .ir import Graph, Node, Value
 from .passes.gptq import HessianAccumulator
 from .passes.quantize import layer_path
 from .runtime import ReferenceExecutor

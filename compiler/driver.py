@@ -63,7 +63,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         result = run_pipeline(captured.graph, FLOAT_PIPELINE, verify=debug, dump_dir=dump_ir)
     else:
         plan = plan.resolved(calibrated=calibration is not None)
-        if calibration is None and plan.method == "rtn" and plan.rules + (plan.default,):
+        if calibration is None and any(r.weight is not None for r in (*plan.rules, plan.default)):
             warnings.warn(
                 f"plan {plan.name or '(custom)'}: no calibration data, so weights are rounded to nearest "
                 "(no GPTQ, no clipping search); pass calibration=tokenizer for better accuracy",
