@@ -114,9 +114,7 @@ class Node:
                 changes[key] = tuple(changes[key])
         if all(_same(getattr(self, k), v) for k, v in changes.items()):
             return self
-        new = dc_replace(self, **changes)
-        new.meta.update(self.meta)
-        return new
+        return dc_replace(self, **{"meta": dict(self.meta), **changes})
 
     def __repr__(self) -> str:
         return f"Node({self.op}, {len(self.inputs)} inputs, {', '.join(map(str, self.types))})"
@@ -186,9 +184,12 @@ class Graph:
                 changes[key] = tuple(changes[key])
         if all(_same(getattr(self, k), v) if k != "weights" else getattr(self, k) is v for k, v in changes.items()):
             return self
-        new = dc_replace(self, **changes)
-        new.meta.update(self.meta)
-        return new
+        return dc_replace(self, **{"meta": dict(self.meta), **changes})  # each graph owns its side table
+
+    def with_meta(self, **items: Any) -> "Graph":
+        """A copy of this graph (same nodes and weights) whose side table has `items` added;
+        this graph's own `meta` is left as it is."""
+        return dc_replace(self, meta={**self.meta, **items})
 
     def __str__(self) -> str:
         from .printer import print_graph
