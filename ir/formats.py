@@ -109,6 +109,26 @@ class _Format:
         extra = SCALE_DTYPES[sc.scale] + (self.bits if not getattr(self, "symmetric", True) else 0)  # type: ignore[attr-defined]
         return self.bits + extra / block  # type: ignore[attr-defined]
 
+    def encode(
+        self,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None = None,
+        global_scale: torch.Tensor | None = None,
+    ) -> QTensor:
+        """`x` rounded onto the grid of given scales (as `quantize` lays them out; static
+        activation scales from calibration): the same float32 operations as `quantize`."""
+        xb = self._blocked(x)
+        full = (scale * (global_scale if global_scale is not None else 1.0)).float()[..., None]
+        if isinstance(self, IntFormat):
+            if zero is None:
+                codes = Q.round_int(xb / full, self.bits, True)
+            else:
+                codes = Q.round_int(xb / full + zero.float()[..., None], self.bits, False)
+        else:
+            codes = Q.round_float(xb / full, self.spec)  # type: ignore[attr-defined]
+        return QTensor(self._unblocked(codes, x.shape), scale, zero, global_scale)
+
     def fake(self, x: torch.Tensor, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
         """`dequantize(quantize(x))`: `x` as the format represents it, in float32."""
         return self.dequantize(self.quantize(x, clip), x.shape[-1])

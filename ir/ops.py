@@ -243,7 +243,13 @@ def _quantize(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     fmt, x = attrs["format"], ins[0]
     _need(isinstance(fmt, (IntFormat, FloatFormat)), f"format must be a number format, got {fmt!r}")
     _need(isinstance(x.dtype, DType) and x.dtype.is_float, f"quantize reads a float tensor, got {x}")
-    return _quant_types(fmt, x.shape)
+    out = _quant_types(fmt, x.shape)
+    if len(ins) > 1:  # static: the scales (zero points, global scale) are operands, not computed
+        parts = quant_parts(fmt)[1:]
+        _need(len(ins) == 1 + len(parts), f"static {fmt} quantize takes x and {', '.join(parts)}: {1 + len(parts)} operands, got {len(ins)}")
+        for part, t, w in zip(parts, ins[1:], out[1:]):
+            _need(t.rank == w.rank and all(dims_equal(a, b) for a, b in zip(t.shape, w.shape)), f"{part} must be {w}, got {t}")
+    return out
 
 
 def _dequantize(ins: list[TensorType], attrs: dict) -> list[TensorType]:
@@ -293,7 +299,7 @@ OPS: dict[str, OpDef] = {
         OpDef("expand", 1, 1, {"shape": (_DIMS, True)}, _expand),
         OpDef("slice", 1, 1, {k: (_DIM, True) for k in ("axis", "start", "end", "step")}, _slice),
         OpDef("cat", 1, None, {"axis": (_INT, True)}, _cat),
-        OpDef("quantize", 1, 1, {"format": ((IntFormat, FloatFormat), True)}, _quantize, outputs=None),
+        OpDef("quantize", 1, 4, {"format": ((IntFormat, FloatFormat), True)}, _quantize, outputs=None),
         OpDef("dequantize", 2, 4, {"format": ((IntFormat, FloatFormat), True), "dtype": ((DType,), True)}, _dequantize),
         OpDef(
             "torch",
