@@ -24,7 +24,7 @@ from ..ir.printer import print_node, value_names
 from .inputs import bind_inputs
 
 Impl = Callable[[list[torch.Tensor], dict[str, Any], "Frame"], Any]
-Observer = Callable[[Node, list[torch.Tensor]], None]
+Observer = Callable[[Node, list[torch.Tensor]], "list[torch.Tensor] | None"]
 
 
 class Frame:
@@ -94,9 +94,14 @@ def _rope(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
 
 
 def _quantize(ins: list[torch.Tensor], a: dict, fr: Frame) -> tuple[torch.Tensor, ...]:
-    q = a["format"].quantize(ins[0])
+    fmt = a["format"]
+    if len(ins) > 1:  # static scales
+        given = dict(zip(quant_parts(fmt)[1:], ins[1:]))
+        q = fmt.encode(ins[0], given["scale"], given.get("zero"), given.get("global"))
+    else:
+        q = fmt.quantize(ins[0])
     parts = {"codes": q.codes, "scale": q.scale, "zero": q.zero, "global": q.global_scale}
-    return tuple(parts[p] for p in quant_parts(a["format"]))
+    return tuple(parts[p] for p in quant_parts(fmt))
 
 
 def _dequantize(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
@@ -189,23 +194,19 @@ class ReferenceExecutor:
 
     def __call__(self, inputs: Sequence[torch.Tensor], observer: Observer | None = None) -> list[torch.Tensor]:
         """The graph's outputs for `inputs`; `observer(node, operands)` sees every node's
-        operands before it runs (calibration reads activations this way)."""
-        sizes = bind_inputs(self.graph, inputs, self.device)
-        frame = Frame(sizes, self.device)
-        env: dict[Node, tuple[torch.Tensor, ...]] = {n: (t,) for n, t in zip(self.graph.inputs, inputs)}
-        with torch.no_grad():
-            for i, node in enumerate(self.graph.nodes):
-                if observer is not None:
-                    observer(node, [env[v.node][v.index] for v in node.inputs])
-                env[node] = self._run(node, env, frame)
-                for dead in self._last_use.get(i, ()):
-                    env.pop(dead, None)
-        return [env[v.node][v.index] for v in self.graph.outputs]
+        operands before it runs and may return operands to run it with instead."""
+        run = self.start(inputs)
+        run.advance(len(self.graph.nodes), observer)
+        return run.outputs()
 
-    def _run(self, node: Node, env: dict, frame: Frame) -> tuple[torch.Tensor, ...]:
+    def start(self, inputs: Sequence[torch.Tensor]) -> "Run":
+        """A run of the graph on `inputs` that executes nodes only when advanced: calibration
+        steps several runs in lockstep, layer by layer (see `Run`)."""
+        return Run(self, inputs)
+
+    def _run(self, node: Node, operands: list[torch.Tensor], frame: Frame) -> tuple[torch.Tensor, ...]:
         if node.op == "const":
             return (self.weights[node.get("name")],)
-        operands = [env[v.node][v.index] for v in node.inputs]
         try:
             got = IMPLS[node.op](operands, node.attr, frame)
         except Exception as e:  # noqa: BLE001 - re-raised with the node named
@@ -228,3 +229,42 @@ class ReferenceExecutor:
     def _where(self, node: Node) -> str:
         names = value_names(self.graph)
         return f"graph @{self.graph.name}: node {print_node(node, names)}"
+
+
+class Run:
+    """One execution of a graph, node by node: `advance(stop)` runs the nodes before body
+    position `stop`; `operands(node)` reads the inputs of the next node while they are live.
+    Results are freed after their last use, so memory holds only live values.
+
+        run = executor.start([ids])
+        run.advance(i)                 # nodes 0 .. i-1 ran
+        x = run.operands(graph.nodes[i])[0]
+        run.advance(len(graph.nodes)); run.outputs()
+    """
+
+    def __init__(self, executor: ReferenceExecutor, inputs: Sequence[torch.Tensor]):
+        self.executor = executor
+        self.frame = Frame(bind_inputs(executor.graph, inputs, executor.device), executor.device)
+        self.env: dict[Node, tuple[torch.Tensor, ...]] = {n: (t,) for n, t in zip(executor.graph.inputs, inputs)}
+        self.position = 0
+
+    def operands(self, node: Node) -> list[torch.Tensor]:
+        return [self.env[v.node][v.index] for v in node.inputs]
+
+    def advance(self, stop: int, observer: Observer | None = None) -> None:
+        ex, nodes = self.executor, self.executor.graph.nodes
+        with torch.no_grad():
+            for i in range(self.position, stop):
+                node = nodes[i]
+                operands = self.operands(node)
+                if observer is not None:
+                    operands = observer(node, operands) or operands
+                self.env[node] = ex._run(node, operands, self.frame)
+                for dead in ex._last_use.get(i, ()):
+                    self.env.pop(dead, None)
+        self.position = max(self.position, stop)
+
+    def outputs(self) -> list[torch.Tensor]:
+        if self.position < len(self.executor.graph.nodes):
+            raise ExecutionError(f"run stopped at node {self.position} of {len(self.executor.graph.nodes)}: no outputs yet")
+        return [self.env[v.node][v.index] for v in self.executor.graph.outputs]
