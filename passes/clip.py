@@ -8,8 +8,9 @@ on CPU, no graph code; the quantize pass calls it per layer.
 
 The error of block b of row n is `ΔW[n, b] H_bb ΔW[n, b]ᵀ` (the block-diagonal part of H;
 the plain squared error without H). Each row's choice is then checked against the exact
-error `ΔW[n] H ΔW[n]ᵀ` of every uniform ratio (1.0 among them), and the best is kept: the
-search never does worse than no clipping.
+error `ΔW[n] H ΔW[n]ᵀ` without clipping, and a row that came out worse keeps the full
+range: the search never does worse than no clipping. A per-tensor format gets the one
+ratio with the least exact error.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor | None = Non
     if h is None:
         num, den = (d * d).sum(), (w * w).sum()
     else:
-        h = h.detach().to(torch.float64)
-        num, den = ((d @ h) * d).sum(), ((w @ h) * w).sum()
+        h = h.detach().float()  # float32 products, float64 sums: ample for a relative error
+        num, den = ((d.float() @ h) * d).sum(dtype=torch.float64), ((w.float() @ h) * w).sum(dtype=torch.float64)
     num, den = max(float(num), 0.0), float(den)
     if den <= 0.0:
         return 0.0 if num == 0.0 else math.inf
@@ -72,19 +73,29 @@ def search_clip(
     glob = block_scales(w, fmt).global_scale
     h = None if H is None else H.detach().float()  # float32: 2-4x faster, ample for ranking errors
 
-    deltas = [_delta(w, fmt, block_scales(w, fmt, c, glob)) for c in grid]
-    rows = torch.stack([_row_errors(d, h) for d in deltas])  # [G, N], exact
+    deltas = _deltas(w, fmt, grid, glob)  # [G, N, K]
     if block is None or not per_block:
-        return torch.tensor(grid[int(rows.sum(1).argmin())], dtype=torch.float32)
+        errors = torch.stack([_row_errors(d, h).sum() for d in deltas])
+        return torch.tensor(grid[int(errors.argmin())], dtype=torch.float32)
 
-    blocks = torch.stack([_block_errors(d, h, block) for d in deltas])  # [G, N, nb]
+    blocks = _block_errors(deltas, h, block)  # [G, N, nb]
     ratios = torch.tensor(grid, dtype=torch.float32)
     clip = ratios[blocks.argmin(0)]  # argmin takes the first minimum: ties keep the larger ratio
+    # the blocks' choices interact through H's off-diagonal blocks: a row whose exact error
+    # came out worse than without clipping keeps the full range
     chosen = _row_errors(_delta(w, fmt, block_scales(w, fmt, clip, glob)), h)
-    best_uniform, at = rows.min(0)
-    worse = best_uniform < chosen
-    clip[worse] = ratios[at[worse]][:, None].expand(-1, clip.shape[1])
+    clip[chosen > _row_errors(deltas[0], h)] = 1.0
     return clip
+
+
+def _deltas(w: torch.Tensor, fmt: NumberFormat, grid: tuple[float, ...], glob) -> torch.Tensor:
+    """`w - fake(w)` at every clipping ratio of `grid` ([G, N, K]): one broadcast
+    `fmt.quantize` with the ratios on a leading axis (the same operations per ratio)."""
+    if glob is not None or fmt.scaling.block(w.shape[-1]) is None:  # two-level formats clip only
+        # their block scales (see block_scales); one scale per tensor has no block axis
+        return torch.stack([_delta(w, fmt, block_scales(w, fmt, c, glob)) for c in grid])
+    ratios = torch.tensor(grid, dtype=torch.float32).reshape(-1, 1, 1)
+    return w - fmt.dequantize(fmt.quantize(w, ratios), w.shape[-1])
 
 
 def _delta(w: torch.Tensor, fmt: NumberFormat, scales) -> torch.Tensor:
@@ -99,12 +110,14 @@ def _row_errors(d: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
 
 
 def _block_errors(d: torch.Tensor, h: torch.Tensor | None, block: int) -> torch.Tensor:
-    """`ΔW[n, b] H_bb ΔW[n, b]ᵀ` per row and block ([N, n_blocks])."""
-    n, k = d.shape
+    """`ΔW[n, b] H_bb ΔW[n, b]ᵀ` per row and block ([..., N, n_blocks]) of `d` [..., N, K]."""
+    k = d.shape[-1]
     nb = -(-k // block)
-    db = torch.nn.functional.pad(d, (0, nb * block - k)).reshape(n, nb, block)
+    db = torch.nn.functional.pad(d, (0, nb * block - k)).reshape(*d.shape[:-1], nb, block)
     if h is None:
         return (db * db).sum(-1)
     hp = torch.nn.functional.pad(h, (0, nb * block - k, 0, nb * block - k))
     hb = torch.stack([hp[b * block : (b + 1) * block, b * block : (b + 1) * block] for b in range(nb)])
-    return torch.einsum("nbi,bij,nbj->nb", db, hb, db)
+    rows = db.reshape(-1, nb, block).transpose(0, 1)  # [nb, rows, block]
+    out = (torch.bmm(rows, hb) * rows).sum(-1)  # [nb, rows]
+    return out.T.reshape(*d.shape[:-1], nb)

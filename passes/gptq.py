@@ -200,34 +200,65 @@ def gptq_quantize(
         u = _inverse_cholesky(h[perm][:, perm], damp).float()  # float64 factorisation, float32 updates
         if factors is not None:
             factors[key] = (perm, u)
-    w = w[:, perm]
-    codes = torch.zeros(n, k)
+    # columns as contiguous rows: the loop reads and updates one column at a time
+    wt = w[:, perm].T.contiguous()  # [k, n]
+    codes = torch.zeros(k, n)
+    rnd = _Rounder(fmt)
+    if not dynamic:  # every column's scale is known: read them in the permuted order once
+        full, zero = scales.columns(k)
+        full = full.expand(n, k)[:, perm].T.contiguous()
+        zero = None if zero is None else zero.expand(n, k)[:, perm].T.contiguous()
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-        err = torch.zeros(n, i2 - i1)
+        w1, u1 = wt[i1:i2].clone(), u[i1:i2, i1:i2]
+        err = torch.zeros(i2 - i1, n)
         for i in range(i2 - i1):
-            j = int(perm[i1 + i])
-            if dynamic and j % block == 0:  # no act_order: j == i1 + i
-                _fill_group(scales, fmt, _current(w, w1, err, u, i1, i, i2, j + block), clip, j // block)
-            s, z = scales.column(j)
-            c = round_codes(w1[:, i], fmt, s, z)
-            codes[:, i1 + i] = c
-            e = (w1[:, i] - code_values(c, s, z)) / u1[i, i]
-            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
-            err[:, i] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
+            if dynamic:
+                j = i1 + i  # no act_order: perm is the identity
+                if j % block == 0:
+                    _fill_group(scales, fmt, _current(wt, w1, err, u, i1, i, i2, j + block), clip, j // block)
+                s, z = scales.column(j)
+            else:
+                s, z = full[i1 + i], None if zero is None else zero[i1 + i]
+            x = w1[i]
+            c, v = rnd(x, s, z)
+            codes[i1 + i] = c
+            e = err[i]
+            torch.sub(x, v, out=e).div_(u1[i, i])
+            w1[i + 1 :].addr_(u1[i, i + 1 :], e, alpha=-1.0)
+        wt[i2:].addmm_(u[i1:i2, i2:].T, err, alpha=-1.0)
+    codes = codes.T
     return QTensor(codes[:, torch.argsort(perm)], scales.scale, scales.zero, scales.global_scale)
 
 
-def _current(w, w1, err, u, i1: int, i: int, i2: int, end: int) -> torch.Tensor:
-    """Columns i1+i .. end of the weight as error feedback has left them so far: those in
-    the current lazy block from `w1`, later ones with the block's pending update applied."""
-    end = min(end, w.shape[1])
-    cur = w1[:, i : min(end, i2) - i1]
+class _Rounder:
+    """`round_codes` and `code_values` of one column in one call, with the format's
+    constants looked up once (the GPTQ column loop runs it K times per layer)."""
+
+    def __init__(self, fmt: NumberFormat):
+        self.fmt = fmt
+        self.int = isinstance(fmt, IntFormat)
+        if self.int:
+            self.lo, self.hi = Q.int_range(fmt.bits, fmt.symmetric)
+
+    def __call__(self, x: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.int:
+            y = x / s if z is None else x / s + z
+            c = torch.round(y).clamp_(self.lo, self.hi)
+            return c, (c * s if z is None else (c - z) * s)
+        c = Q.round_float(x / s, self.fmt.spec)
+        return c, c * s
+
+
+def _current(wt, w1, err, u, i1: int, i: int, i2: int, end: int) -> torch.Tensor:
+    """Columns i1+i .. end of the weight ([n, cols]) as error feedback has left them so far:
+    those in the current lazy block from `w1`, later ones with the block's pending update
+    applied (`wt`, `w1`, `err` hold columns as rows)."""
+    end = min(end, wt.shape[0])
+    cur = w1[i : min(end, i2) - i1]
     if end > i2:
-        cur = torch.cat([cur, w[:, i2:end] - err[:, :i] @ u[i1 : i1 + i, i2:end]], dim=1)
-    return cur
+        cur = torch.cat([cur, wt[i2:end] - u[i1 : i1 + i, i2:end].T @ err[:i]], dim=0)
+    return cur.T
 
 
 def _fill_group(scales: BlockScales, fmt: NumberFormat, cols: torch.Tensor, clip, g: int) -> None:
