@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..ir import FloatFormat, Graph, IntFormat, Node, NumberFormat, TensorType, Value
+from ..ir import F32, FloatFormat, Graph, IntFormat, Node, NumberFormat, TensorType, Value
 from ..ir.ops import quant_parts, scale_shape
 
 
@@ -120,10 +120,12 @@ def quantize_weight(
     return {p: parts[p] for p in quant_parts(fmt)}, fmt.dequantize(q)
 
 
-def _quant_dequant(x: Value, fmt: NumberFormat, loc: str | None) -> tuple[list[Node], Value]:
-    q = Node.create("quantize", [x], {"format": fmt}, _parts_types(fmt, x.type), loc)
+def _quant_dequant(x: Value, fmt: NumberFormat, loc: str | None, static: list[Node] = ()) -> tuple[list[Node], Value]:
+    """`quantize` (dynamic, or static with the `static` scale consts) and `dequantize` of `x`."""
+    inputs = [x, *(c.out for c in static)]
+    q = Node.create("quantize", inputs, {"format": fmt}, _parts_types(fmt, x.type), loc)
     dq = Node.create("dequantize", q.outs, {"format": fmt, "dtype": x.type.dtype}, [x.type], loc)
-    return [q, dq], dq.out
+    return [*static, q, dq], dq.out
 
 
 def _parts_types(fmt: NumberFormat, t: TensorType) -> list[TensorType]:
@@ -132,9 +134,60 @@ def _parts_types(fmt: NumberFormat, t: TensorType) -> list[TensorType]:
     return OPS["quantize"].infer([t], {"format": fmt})
 
 
+def static_scale(fmt: NumberFormat, stats: dict, path: str, percentile: float | None = None) -> torch.Tensor:
+    """The per-tensor scale ([1, 1]) of a static activation format from calibration: the
+    format's own scale for the activation's abs-max (or its `percentile`, which clips)."""
+    if fmt.scaling.kind != "tensor":
+        raise ValueError(f"layer {path}: static activation scales are per tensor, got {fmt}")
+    if (isinstance(fmt, IntFormat) and not fmt.symmetric) or (isinstance(fmt, FloatFormat) and fmt.global_):
+        raise ValueError(
+            f"layer {path}: static activation format {fmt} is not supported; use a symmetric integer or "
+            "a float format (calibration keeps abs-max statistics)"
+        )
+    if not stats:
+        raise ValueError(
+            f"layer {path}: activation format {fmt} scales per tensor, statically, from calibration data; "
+            "compile with calibration=tokenizer or batches, or use per-token (dynamic) scaling"
+        )
+    if percentile is None:
+        bound = float(stats["amax"].max())
+    else:
+        have = stats.get("tensor_percentiles", {})
+        if percentile not in have:
+            raise ValueError(f"layer {path}: act_percentile {percentile} was not calibrated; calibrated: {sorted(have)}")
+        bound = have[percentile]
+    return fmt.quantize(torch.tensor([[bound]], dtype=torch.float32)).scale.reshape(1, 1)
+
+
+class _Stats:
+    """Calibration statistics by layer path: a `Calibration` (lazy, in graph order, told
+    each quantized layer) or a plain dict `{path: entry}`."""
+
+    def __init__(self, graph: Graph):
+        source = graph.meta.get("calibration")
+        if source is not None and hasattr(source, "for_graph"):
+            source = source.for_graph(graph)
+        self.source = source
+
+    def get(self, path: str, hessian: bool) -> dict:
+        if self.source is None:
+            return {}
+        if hasattr(self.source, "stats"):
+            return self.source.stats(path, hessian=hessian) if path in self.source else {}
+        return self.source.get(path, {})
+
+    def update(self, path: str, **kw: Any) -> None:
+        if hasattr(self.source, "update") and path in self.source:
+            self.source.update(path, **kw)
+
+    def close(self) -> None:
+        if hasattr(self.source, "close"):
+            self.source.close()
+
+
 def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
     """Apply `plan` to `graph` (see the module docstring); returns `graph` if it changes nothing."""
-    calib: dict[str, dict] = graph.meta.get("calibration", {})
+    calib = _Stats(graph)
     weights = dict(graph.weights)
     record: dict[str, dict] = {}
     readers: dict[Node, int] = {}  # a tied weight (lm_head = embedding) has several
@@ -148,14 +201,23 @@ def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
         rule = plan.rule_for(path, "linear")
         if rule.act is None and rule.weight is None:
             return None
-        inputs, emitted = list(node.inputs), []
+        opts = {"method": plan.method, "clip_search": plan.clip_search, **rule.options}
+        stats = calib.get(path, hessian=rule.weight is not None)
+        inputs, emitted, act = list(node.inputs), [], None
         if rule.act is not None:
-            extra, inputs[0] = _quant_dequant(inputs[0], rule.act, node.loc)
+            static: list[Node] = []
+            act = rule.act
+            if rule.act.scaling.kind == "tensor":
+                scale = static_scale(rule.act, stats, path, opts.get("act_percentile"))
+                name = f"{path}.input_scale"
+                weights[name] = scale
+                static = [Node.create("const", (), {"name": name}, [TensorType((1, 1), F32)])]
+                act = lambda x, f=rule.act, s=scale: f.dequantize(f.encode(x, s))  # noqa: E731
+            extra, inputs[0] = _quant_dequant(inputs[0], rule.act, node.loc, static)
             emitted += extra
+        wq = None
         if rule.weight is not None:
             fmt, w = rule.weight, graph.weights[wnode.get("name")]
-            opts = {"method": plan.method, "clip_search": plan.clip_search, **rule.options}
-            stats = calib.get(path, {})
             hessian = stats.get("hessian")
             parts, wq = quantize_weight(
                 w, fmt, method=opts["method"], clip_search=opts["clip_search"], hessian=hessian,
@@ -174,6 +236,9 @@ def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
             emitted += [*consts, dq]
             inputs[1] = dq.out
             record[path] = {**_layer_record(fmt, w, wq, hessian), "weights": [c.get("name") for c in consts]}
+        if rule.act is not None:
+            record.setdefault(path, {})["act"] = str(rule.act)
+        calib.update(path, weight=wq, act=act)
         return [*emitted, node.replace(inputs=inputs)]
 
     def attention(node: Node) -> list[Node] | None:
@@ -194,12 +259,16 @@ def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
             return attention(node)
         return None
 
-    out = graph.rewrite(apply)
+    try:
+        out = graph.rewrite(apply)
+    finally:
+        calib.close()
     if out is graph:
         return graph
     used = {n.get("name") for n in out.nodes if n.op == "const"}
     out = out.replace(weights={k: v for k, v in weights.items() if k in used})
     out.meta["quantized"] = {**graph.meta.get("quantized", {}), **record}
+    out.meta.pop("calibration", None)  # the batches' activations are not the compiled model's
     return out
 
 
