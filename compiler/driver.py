@@ -19,7 +19,7 @@ from .compiled import CompiledModel
 from .frontends.torch_export import capture
 from .ir import flags
 from .passes import run_pipeline
-from .calibrate import calibrate, text_batches
+from .calibrate import text_batches
 from .plan import Plan
 from .signature import CallSpec
 from .runtime import BACKENDS
@@ -27,7 +27,7 @@ from .runtime import BACKENDS
 #: The passes run for a model with no plan, in order.
 FLOAT_PIPELINE = ["canonicalize"]
 #: The passes run for a plan, in order.
-QUANT_PIPELINE = ["canonicalize", "quantize"]
+QUANT_PIPELINE = ["canonicalize", "calibrate", "smooth", "quantize"]
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile
@@ -63,19 +63,26 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         result = run_pipeline(captured.graph, FLOAT_PIPELINE, verify=debug, dump_dir=dump_ir)
     else:
         plan = plan.resolved(calibrated=calibration is not None)
-        if calibration is None and any(r.weight is not None for r in (*plan.rules, plan.default)):
-            warnings.warn(
-                f"plan {plan.name or '(custom)'}: no calibration data, so weights are rounded to nearest "
-                "(no GPTQ, no clipping search); pass calibration=tokenizer for better accuracy",
-                stacklevel=2,
-            )
+        alphas = plan.smoothing(_linear_paths(captured.graph))
+        if calibration is None:
+            skipped = [what for what, on in [("weights are rounded to nearest (no GPTQ, no clipping search)",
+                                              any(r.weight is not None for r in (*plan.rules, plan.default))),
+                                             ("activations are not smoothed", bool(alphas))] if on]
+            if skipped:
+                warnings.warn(
+                    f"plan {plan.name or '(custom)'}: no calibration data, so {' and '.join(skipped)}; "
+                    "pass calibration=tokenizer for better accuracy",
+                    stacklevel=2,
+                )
+            alphas = {}
         plan.check_matches(_linear_paths(captured.graph))
-        graph = captured.graph
-        if calibration is not None:
-            graph = run_pipeline(graph, FLOAT_PIPELINE, verify=debug).graph
-            graph.meta["calibration"] = calibrate(graph, calibration_inputs(calibration, captured.call_spec))
-        options = {"quantize": {"plan": plan}}
-        result = run_pipeline(graph, QUANT_PIPELINE, options=options, verify=debug, dump_dir=dump_ir)
+        batches = None if calibration is None else calibration_inputs(calibration, captured.call_spec)
+        options = {
+            "calibrate": {"batches": batches},
+            "smooth": {"alpha": alphas, "layers": alphas.__contains__},
+            "quantize": {"plan": plan},
+        }
+        result = run_pipeline(captured.graph, QUANT_PIPELINE, options=options, verify=debug, dump_dir=dump_ir)
     executor = BACKENDS[backend](result.graph, device=device, check_shapes=debug)
     return CompiledModel(result.graph, captured.call_spec, executor, backend, result.timings, plan)
 

@@ -13,9 +13,12 @@ format, each a number format or None (keep float):
     plan = Plan.from_json(path_or_text)       # the JSON form: Plan.to_json() writes it
 
 Quantization options live on the plan: `method` "rtn" (round to nearest), "gptq", or
-"auto" (GPTQ when calibration data is given, else round to nearest, with a warning), and
-`clip_search` (None: on when calibration data is given). A rule may override them per layer
-with `options`.
+"auto" (GPTQ when calibration data is given, else round to nearest, with a warning),
+`clip_search` (None: on when calibration data is given), and `smooth`, the SmoothQuant
+migration strength α for layers whose activations are quantized (None: no smoothing; it
+needs calibration data). A rule may override them per layer with `options`
+(`{"method": "rtn"}`, `{"smooth_alpha": 0.8}`, `{"act_percentile": 99.9}` for static
+activation scales).
 """
 
 from __future__ import annotations
@@ -97,12 +100,30 @@ class Plan:
     default: Rule = Rule()
     method: str = "auto"
     clip_search: bool | None = None
+    smooth: float | None = None
     name: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
         if self.method not in METHODS:
             raise ValueError(f"unknown quantization method {self.method!r}; expected one of {', '.join(METHODS)}")
+        for where, a in [("plan smooth", self.smooth)] + [
+            (f"rule {r.match!r} smooth_alpha", r.options.get("smooth_alpha")) for r in (*self.rules, self.default)
+        ]:
+            if a is not None and (isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0):
+                raise ValueError(f"{where}: expected a migration strength alpha in [0, 1] or None, got {a!r}")
+
+    def smoothing(self, paths: Iterable[str]) -> dict[str, float]:
+        """The smoothing alpha of every layer among `paths` that gets smoothed: those whose
+        rule quantizes the activation, when the plan or the rule's `smooth_alpha` asks
+        (compiling without calibration data skips smoothing, with a warning)."""
+        out = {}
+        for p in paths:
+            rule = self.rule_for(p, "linear")
+            alpha = rule.options.get("smooth_alpha", self.smooth)
+            if rule.act is not None and alpha is not None:
+                out[p] = float(alpha)
+        return out
 
     def resolved(self, calibrated: bool) -> "Plan":
         """This plan with `auto` choices made for whether calibration data is available."""
@@ -142,6 +163,7 @@ class Plan:
             "name": self.name,
             "method": self.method,
             "clip_search": self.clip_search,
+            "smooth": self.smooth,
             "default": self.default.to_dict(),
             "rules": [r.to_dict() for r in self.rules],
         }
@@ -154,7 +176,7 @@ class Plan:
 
     @staticmethod
     def from_dict(data: dict) -> "Plan":
-        known = {"name", "method", "clip_search", "default", "rules"}
+        known = {"name", "method", "clip_search", "smooth", "default", "rules"}
         extra = sorted(set(data) - known)
         if extra:
             raise ValueError(f"plan has unknown key(s) {extra}; expected {sorted(known)}")
@@ -163,6 +185,7 @@ class Plan:
             default=_rule_from_dict(data["default"], "default") if "default" in data else Rule(),
             method=data.get("method", "auto"),
             clip_search=data.get("clip_search"),
+            smooth=data.get("smooth"),
             name=data.get("name"),
         )
 
@@ -202,7 +225,8 @@ class Plan:
         """The plan as a table; with `layers` ((module path, op) pairs), the rule and formats
         each layer gets."""
         clip = {None: "auto", True: "on", False: "off"}[self.clip_search]
-        lines = [f"plan {self.name or '(custom)'}: method {self.method}, clip search {clip}"]
+        smooth = "off" if self.smooth is None else f"alpha {self.smooth}"
+        lines = [f"plan {self.name or '(custom)'}: method {self.method}, clip search {clip}, smoothing {smooth}"]
         if layers is None:
             for r in (*self.rules, replace(self.default, match="* (default)")):
                 lines.append(f"  {r.match:<32} {r.op:<9} weight {_s(r.weight):<34} act {_s(r.act):<18} kv {_s(r.kv)}")
@@ -240,13 +264,17 @@ def _s(fmt: NumberFormat | None) -> str:
 
 def _preset(name: str, weight: str | None, act: str | None = None, kv: str | None = None, **kw: Any) -> Plan:
     # lm_head and embeddings stay float by default: they dominate the error of small models.
-    return Plan(rules=(Rule("lm_head", weight=None),), default=Rule(weight=weight, act=act, kv=kv), name=name, **kw)
+    # The KV-cache format is a rule for the attention op kind.
+    rules = (Rule("lm_head", weight=None),) + ((Rule("*", op="attention", kv=kv),) if kv else ())
+    return Plan(rules=rules, default=Rule(weight=weight, act=act), name=name, **kw)
 
 
 PRESETS: dict[str, Plan] = {
     p.name: p  # type: ignore[misc]
     for p in [
-        _preset("w8a8", "int8<sym,channel>", "int8<sym,token>"),
+        # smoothing alpha 0.5: SmoothQuant's default (not tuned on our evaluation text)
+        _preset("w8a8", "int8<sym,channel>", "int8<sym,token>", smooth=0.5),
+        _preset("w8a8-static", "int8<sym,channel>", "int8<sym,tensor>", smooth=0.5),
         _preset("w8a16", "int8<sym,channel>"),
         _preset("w4a16", "int4<asym,channel>"),
         _preset("w4a16-g128", "int4<asym,g128>"),
@@ -254,8 +282,10 @@ PRESETS: dict[str, Plan] = {
         _preset("w4a16-g32", "int4<asym,g32>"),
         _preset("w3a16-g128", "int3<asym,g128>"),
         _preset("w2a16-g64", "int2<asym,g64>"),
-        _preset("w4a8", "int4<asym,g128>", "int8<sym,token>"),
-        _preset("fp8", "fp8e4m3<channel>", "fp8e4m3<token>"),
+        _preset("w4a8", "int4<asym,g128>", "int8<sym,token>", smooth=0.5),
+        _preset("w4a4-kv4", "int4<asym,g128>", "int4<sym,g128>", "int4<asym,token>", smooth=0.5),
+        _preset("fp8", "fp8e4m3<channel>", "fp8e4m3<token>", smooth=0.5),
+        _preset("fp8-kv8", "fp8e4m3<channel>", "fp8e4m3<token>", "fp8e4m3<token>", smooth=0.5),
         _preset("nvfp4", "nvfp4"),
         _preset("mxfp4", "mxfp4"),
         _preset("mxfp6", "mxfp6"),

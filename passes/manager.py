@@ -19,15 +19,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..ir import Graph, VerificationError, flags, verify as verify_graph
+from .calibrate import calibrate
 from .canonicalize import canonicalize
 from .quantize import quantize
+from .smooth import smooth
 
 Pass = Callable[..., Graph]
 
 #: Every pass by name. A pass is `fn(graph, **options) -> graph`.
 PASSES: dict[str, Pass] = {
     "canonicalize": canonicalize,
+    "calibrate": calibrate,
     "quantize": quantize,
+    "smooth": smooth,
 }
 
 

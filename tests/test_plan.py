@@ -267,7 +267,7 @@ def test_check_matches_warns_for_a_rule_matching_nothing_with_the_closest_layers
 def test_explain_shows_rules_and_per_layer_formats():
     plan = Plan.from_dict(MIXED)
     text = plan.explain()
-    assert text.splitlines()[0] == "plan mixed: method rtn, clip search off"
+    assert text.splitlines()[0] == "plan mixed: method rtn, clip search off, smoothing off"
     for r in MIXED["rules"]:
         assert r["match"] in text
     assert "* (default)" in text and "fp4e2m1<block16,scale=fp8e4m3,global>" in text
@@ -281,7 +281,7 @@ def test_explain_shows_rules_and_per_layer_formats():
     assert rows["lm_head"][1:3] == ["lm_head", "float"]
     assert rows["model.layers.1.self_attn"][-1] == "fp8e4m3<token>"
     assert len(rows) == len(layers)
-    assert Plan.preset("w8a8").explain().splitlines()[0] == "plan w8a8: method auto, clip search auto"
+    assert Plan.preset("w8a8").explain().splitlines()[0] == "plan w8a8: method auto, clip search auto, smoothing alpha 0.5"
 
 
 # --------------------------------------------------------------------------- resolved
