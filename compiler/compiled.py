@@ -31,6 +31,7 @@ class Report:
     layers: dict[str, dict] = field(default_factory=dict)
     float_bytes: int = 0
     plan: str | None = None
+    smoothed: dict[str, dict] = field(default_factory=dict)
 
     @property
     def avg_bits(self) -> float | None:
@@ -42,17 +43,30 @@ class Report:
         lines = [f"mxc report: graph @{self.graph_name}, backend {self.backend}, plan {self.plan or 'none (float)'}"]
         lines.append(f"  weights: {self.weight_bytes / 2**20:.2f} MiB (float: {self.float_bytes / 2**20:.2f} MiB)")
         if self.layers:
-            lines.append(f"  average bits per weight over quantized layers: {self.avg_bits:.3f}")
-            lines.append(f"  {'layer':<40} {'format':<34} {'bits':>6} {'KiB':>9} {'w err':>7} {'out err':>8}")
+            if self.avg_bits is not None:
+                lines.append(f"  average bits per weight over quantized layers: {self.avg_bits:.3f}")
+            lines.append(
+                f"  {'layer':<40} {'weight format':<34} {'bits':>6} {'KiB':>9} {'w err':>7} {'out err':>8}  "
+                f"{'activation':<18} smoothing"
+            )
             for path, r in self.layers.items():
-                if "format" not in r:
+                if "kv" in r:
                     lines.append(f"  {path:<40} kv cache {r['kv']}")
+                    continue
+                smooth = self.smoothed.get(path, {})
+                sm = f"alpha {smooth['alpha']}" if "alpha" in smooth else ("skipped" if smooth else "-")
+                act = r.get("act", "float")
+                if "format" not in r:
+                    lines.append(f"  {path:<40} {'float':<34} {'':>6} {'':>9} {'':>7} {'':>8}  {act:<18} {sm}")
                     continue
                 out = f"{r['output_error']:.4f}" if "output_error" in r else "-"
                 lines.append(
                     f"  {path:<40} {r['format']:<34} {r['bits']:>6.3f} {r['bytes'] / 1024:>9.1f} "
-                    f"{r['weight_error']:>7.4f} {out:>8}"
+                    f"{r['weight_error']:>7.4f} {out:>8}  {act:<18} {sm}"
                 )
+            skipped = {p: r["skipped"] for p, r in self.smoothed.items() if "skipped" in r}
+            for path, why in skipped.items():
+                lines.append(f"  smoothing skipped {path}: {why}")
         lines.append("  ops:")
         for op, n in sorted(self.op_counts.items(), key=lambda kv: (-kv[1], kv[0])):
             if not op.startswith("torch:"):
@@ -111,7 +125,11 @@ class CompiledModel:
         packed = sum(r["bytes"] for r in layers.values() if "bytes" in r)
         before = sum(r["float_bytes"] for r in layers.values() if "float_bytes" in r)
         name = getattr(self.plan, "name", None) or (None if self.plan is None else "custom")
-        return Report(self.graph.name, self.backend, counts, fallbacks, plain + packed, self.timings, layers, plain + before, name)
+        smoothed = dict(self.graph.meta.get("smoothed", {}))
+        return Report(
+            self.graph.name, self.backend, counts, fallbacks, plain + packed, self.timings, layers, plain + before, name,
+            smoothed,
+        )
 
     def __repr__(self) -> str:
         return f"CompiledModel(@{self.graph.name}, {len(self.graph.nodes)} nodes, backend={self.backend!r})"

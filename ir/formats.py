@@ -100,14 +100,18 @@ class _Format:
     __slots__ = ()
 
     def effective_bits(self, k: int | None = None) -> float:
-        """Bits per element including scales (and zero points, and the global scale's share
-        is neglected) for a reduction axis of length `k` (needed for per-channel scaling)."""
+        """Bits per element including scales (and zero points; the global scale's share is
+        neglected) for a reduction axis of length `k` (needed for per-channel scaling; a K
+        that is not a multiple of the block has a shorter last block with its own scale).
+        Without `k`, the nominal figure for whole blocks."""
         sc = self.scaling  # type: ignore[attr-defined]
         block = sc.block(k) if k is not None else sc.size
         if sc.kind in ("tensor", "token") or block is None:
             return float(self.bits)  # type: ignore[attr-defined]
         extra = SCALE_DTYPES[sc.scale] + (self.bits if not getattr(self, "symmetric", True) else 0)  # type: ignore[attr-defined]
-        return self.bits + extra / block  # type: ignore[attr-defined]
+        if k is None:
+            return self.bits + extra / block  # type: ignore[attr-defined]
+        return self.bits + extra * math.ceil(k / block) / k  # type: ignore[attr-defined]  # a shorter last block has a scale too
 
     def encode(
         self,

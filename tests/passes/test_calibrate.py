@@ -192,3 +192,18 @@ def test_static_activation_percentile_clips(tiny_llama_factory):
     assert float(clipped.graph.weights[name]) < float(full.graph.weights[name])
     with pytest.raises(Exception, match=r"act_percentile 97.5 was not calibrated; calibrated: \[99.0, 99.9, 99.99\]"):
         mxc.compile(model, {"default": {**rule, "options": {"act_percentile": 97.5}}}, example_inputs=ids, calibration=calib)
+
+
+def test_report_shows_activation_formats_and_smoothing(tiny_llama_factory):
+    model = tiny_llama_factory(seed=6, layers=1)
+    ids = torch.randint(0, 131, (1, 9))
+    calib = [torch.randint(0, 131, (30,), generator=torch.Generator().manual_seed(2))]
+    rep = mxc.compile(model, "w8a8", example_inputs=ids, calibration=calib).report()
+    assert rep.smoothed["model.layers.0.mlp.down_proj"]["alpha"] == 0.5
+    line = next(l for l in str(rep).splitlines() if l.split()[:1] == ["model.layers.0.mlp.down_proj"])
+    assert "int8<sym,channel>" in line and "int8<sym,token>" in line and "alpha 0.5" in line
+    # an activation-only plan: the weight stays float, the row still shows the activation format
+    rep = mxc.compile(model, {"default": {"act": "fp8e4m3<token>"}}, example_inputs=ids).report()
+    assert rep.avg_bits is None
+    line = next(l for l in str(rep).splitlines() if l.split()[:1] == ["model.layers.0.self_attn.o_proj"])
+    assert line.split()[1:3] == ["float", "fp8e4m3<token>"]

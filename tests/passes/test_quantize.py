@@ -250,10 +250,28 @@ def test_report_rows(compiled, name):
 
 
 def test_report_avg_bits_of_presets(compiled):
-    # K is 72 or 100 (a single group of 128): 4 bits plus one f16 scale and one 4-bit zero per 128
-    assert compiled("w4a16-g128").report().avg_bits == pytest.approx(4 + 20 / 128)
-    assert compiled("mxfp4").report().avg_bits == pytest.approx(4.25)
-    assert compiled("nvfp4").report().avg_bits == pytest.approx(4.5)
+    """Bits per weight count the scales of every block, a shorter last block included: K is
+    72 or 100 here, a single (short) group of 128, 3-4 blocks of 32, 5-7 blocks of 16."""
+
+    def want(rep, bits: int, extra: int, block: int) -> float:
+        shapes = [r["shape"] for r in rep.layers.values() if "shape" in r]
+        total = sum((bits + extra * math.ceil(k / block) / k) * n * k for n, k in shapes)
+        return total / sum(n * k for n, k in shapes)
+
+    rep = compiled("w4a16-g128").report()
+    assert rep.avg_bits == pytest.approx(want(rep, 4, 16 + 4, 128))
+    assert 4 + 20 / 100 <= rep.avg_bits <= 4 + 20 / 72  # not the nominal 4 + 20/128
+    rep = compiled("mxfp4").report()
+    assert rep.avg_bits == pytest.approx(want(rep, 4, 8, 32))
+    rep = compiled("nvfp4").report()
+    assert rep.avg_bits == pytest.approx(want(rep, 4, 8, 16))
+    # the report's bits agree with its bytes: codes plus scales (and zero points)
+    for name in ("w4a16-g128", "mxfp4", "nvfp4", "w8a8"):
+        for r in compiled(name).report().layers.values():
+            if "shape" in r:
+                n, k = r["shape"]
+                extra = 4 if "global" in r["format"] else 0
+                assert r["bytes"] - extra == pytest.approx(r["bits"] * n * k / 8, abs=2)
     w8 = compiled("w8a8").report()
     assert 8 < w8.avg_bits < 8 + 16 / 72 + 1e-9
 
