@@ -272,10 +272,12 @@ def _preset(name: str, weight: str | None, act: str | None = None, kv: str | Non
 PRESETS: dict[str, Plan] = {
     p.name: p  # type: ignore[misc]
     for p in [
-        # smoothing alpha 0.5: SmoothQuant's default (not tuned on our evaluation text)
-        _preset("w8a8", "int8<sym,channel>", "int8<sym,token>", smooth=0.5),
-        _preset("w8a8-static", "int8<sym,channel>", "int8<sym,tensor>", smooth=0.5),
-        _preset("w8a16", "int8<sym,channel>"),
+        # smoothing alpha 0.5: SmoothQuant's default (not tuned on our evaluation text). No
+        # clipping search on 8-bit per-channel grids: on SmolLM2 W8A8 it changed perplexity by
+        # -0.02 (14.806 with, 14.782 without) and cost 20 s, an exact K×K error per ratio.
+        _preset("w8a8", "int8<sym,channel>", "int8<sym,token>", smooth=0.5, clip_search=False),
+        _preset("w8a8-static", "int8<sym,channel>", "int8<sym,tensor>", smooth=0.5, clip_search=False),
+        _preset("w8a16", "int8<sym,channel>", clip_search=False),
         _preset("w4a16", "int4<asym,channel>"),
         _preset("w4a16-g128", "int4<asym,g128>"),
         _preset("w4a16-g64", "int4<asym,g64>"),
@@ -284,8 +286,8 @@ PRESETS: dict[str, Plan] = {
         _preset("w2a16-g64", "int2<asym,g64>"),
         _preset("w4a8", "int4<asym,g128>", "int8<sym,token>", smooth=0.5),
         _preset("w4a4-kv4", "int4<asym,g128>", "int4<sym,g128>", "int4<asym,token>", smooth=0.5),
-        _preset("fp8", "fp8e4m3<channel>", "fp8e4m3<token>", smooth=0.5),
-        _preset("fp8-kv8", "fp8e4m3<channel>", "fp8e4m3<token>", "fp8e4m3<token>", smooth=0.5),
+        _preset("fp8", "fp8e4m3<channel>", "fp8e4m3<token>", smooth=0.5, clip_search=False),
+        _preset("fp8-kv8", "fp8e4m3<channel>", "fp8e4m3<token>", "fp8e4m3<token>", smooth=0.5, clip_search=False),
         _preset("nvfp4", "nvfp4"),
         _preset("mxfp4", "mxfp4"),
         _preset("mxfp6", "mxfp6"),

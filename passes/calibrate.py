@@ -152,6 +152,8 @@ class Calibration:
             return
         for run in self._runs:
             run.advance(stop, self._patch)
+        for i in [i for i in self._patches if i < stop]:
+            del self._patches[i]  # every run is past it: free the layer's replacement weight
         passed = sum(1 for i in self._index.values() if self._position <= i < stop)
         self._position = stop
         self._progress.update(passed)
@@ -181,6 +183,8 @@ class Calibration:
     def _activation_stats(self, node: Node) -> dict[str, Any]:
         x = self._inputs(node).abs()
         rows = x.shape[0]
+        if not self.percentiles:
+            return {"amax": x.amax(0), "percentiles": {}, "tensor_percentiles": {}, "rows": rows}
         # per channel: one top-k for the lowest percentile, read at each rank (nearest rank)
         top = x.topk(_rank(rows, min(self.percentiles)), dim=0).values
         per_channel = {p: top[_rank(rows, p) - 1] for p in self.percentiles}

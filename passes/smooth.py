@@ -370,7 +370,9 @@ def _calibrated_amax(graph: Graph, layers: Callable[[str], bool] | None) -> dict
             f"smooth: layers {selected[:3]}{'...' if len(selected) > 3 else ''} need activation statistics: "
             "run the calibrate pass with calibration batches first, or pass amax="
         )
-    cal = cal.for_graph(graph)
+    from .calibrate import Calibration  # abs-max only: no Hessians, no percentiles
+
+    cal = Calibration(graph, cal.batches, percentiles=())
     out = {p: cal.stats(p, hessian=False)["amax"] for p in cal.paths if p in selected}
     cal.close()
     return out

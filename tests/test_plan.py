@@ -119,6 +119,9 @@ def test_format_text_and_float_words():
         ("w2a16-g64", "int2<asym,g64>", None),
         ("w4a8", "int4<asym,g128>", "int8<sym,token>"),
         ("fp8", "fp8e4m3<channel>", "fp8e4m3<token>"),
+        ("w8a8-static", "int8<sym,channel>", "int8<sym,tensor>"),
+        ("w4a4-kv4", "int4<asym,g128>", "int4<sym,g128>"),
+        ("fp8-kv8", "fp8e4m3<channel>", "fp8e4m3<token>"),
         ("nvfp4", "fp4e2m1<block16,scale=fp8e4m3,global>", None),
         ("mxfp4", "fp4e2m1<block32>", None),
         ("mxfp6", "fp6e2m3<block32>", None),
@@ -131,7 +134,12 @@ def test_presets_expand(name, weight, act):
     assert plan.default.weight == parse_format(weight)
     assert plan.default.act == (None if act is None else parse_format(act))
     assert plan.default.kv is None
-    assert plan.method == "auto" and plan.clip_search is None
+    # 8-bit per-channel grids skip the clipping search (no gain measured on SmolLM2)
+    assert plan.method == "auto" and plan.clip_search is (False if weight.endswith("8<sym,channel>") or weight == "fp8e4m3<channel>" else None)
+    # activation-quantizing presets smooth (SmoothQuant's alpha 0.5), weight-only ones do not
+    assert plan.smooth == (None if act is None else 0.5)
+    kv = {"w4a4-kv4": "int4<asym,token>", "fp8-kv8": "fp8e4m3<token>"}.get(name)
+    assert plan.rule_for("model.layers.3.self_attn", "attention").kv == (None if kv is None else parse_format(kv))
     # lm_head stays float, every other linear takes the default
     assert plan.rule_for("lm_head").weight is None and plan.rule_for("lm_head").act is None
     assert plan.rule_for("model.layers.5.mlp.down_proj").weight == parse_format(weight)
@@ -281,7 +289,7 @@ def test_explain_shows_rules_and_per_layer_formats():
     assert rows["lm_head"][1:3] == ["lm_head", "float"]
     assert rows["model.layers.1.self_attn"][-1] == "fp8e4m3<token>"
     assert len(rows) == len(layers)
-    assert Plan.preset("w8a8").explain().splitlines()[0] == "plan w8a8: method auto, clip search auto, smoothing alpha 0.5"
+    assert Plan.preset("w8a8").explain().splitlines()[0] == "plan w8a8: method auto, clip search off, smoothing alpha 0.5"
 
 
 # --------------------------------------------------------------------------- resolved
