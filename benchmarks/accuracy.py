@@ -123,13 +123,15 @@ def main() -> None:
         return
 
     plans = args.plans if "float" in args.plans else ["float", *args.plans]
-    rows = []
+    rows, failed = [], []
     for spec in plans:
         cmd = [sys.executable, __file__, "--one", spec, "--calibration", str(args.calibration), "--windows", str(args.windows)]
         got = subprocess.run(cmd, capture_output=True, text=True)
         line = next((l for l in got.stdout.splitlines() if l.startswith("ROW ")), None)
         if got.returncode != 0 or line is None:
-            raise SystemExit(f"plan {spec} failed:\n{got.stderr[-3000:]}")
+            print(f"plan {spec} FAILED:\n{got.stderr[-3000:]}", file=sys.stderr, flush=True)
+            failed.append(spec)
+            continue
         rows.append(json.loads(line[4:]))
         print(rows[-1], flush=True)
     base = rows[0]["ppl"]
@@ -157,6 +159,8 @@ def main() -> None:
             f"{r['seconds']:.1f} | {r['loaded_rss']:.0f} | {r['compile_rss']:.0f} |"
         )
     table += ["", "Goals (issue 3):", "", *goals(rows)]
+    if failed:
+        table += ["", f"Failed to run (see stderr): {', '.join(failed)}"]
     text = "\n".join(table) + "\n"
     print(text)
     if not args.no_write:
