@@ -1,24 +1,49 @@
-"""Calibration data: windows of real text for the calibrate pass (`mxc.passes.calibrate`).
+"""Calibration: windows of real text, and the calibrate pass bound to the reference backend.
 
     batches = text_batches(tokenizer, n=8, seq_len=512)   # token ids [512] each
     mxc.compile(model, "w4a16-g128", calibration=batches)
+    stats = collect(graph, graph_inputs)                   # every linear's statistics at once
 
 Windows are cut from the END of `mxc.eval.default_text()`, so that they never overlap the
-windows perplexity is measured on (which come from the start).
+windows perplexity is measured on (which come from the start). The statistics themselves
+are gathered by `mxc.passes.calibrate`; here its executor is the reference backend.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import torch
 
-from .passes.calibrate import PERCENTILES, Calibration, calibrate, collect
+from .ir import Graph
+from .passes.calibrate import PERCENTILES
+from .passes.calibrate import Calibration as _Calibration, calibrate as _calibrate, collect as _collect
+from .runtime import ReferenceExecutor
 
-__all__ = ["PERCENTILES", "Calibration", "calibrate", "collect", "text_batches"]
+__all__ = ["PERCENTILES", "Calibration", "calibrate", "collect", "executor", "text_batches"]
 
 
-def text_batches(tokenizer: Any, *, n: int = 16, seq_len: int = 512, text: str | None = None) -> list[torch.Tensor]:
+def executor(graph: Graph) -> ReferenceExecutor:
+    """The executor calibration runs batches on: the reference backend, no shape checks."""
+    return ReferenceExecutor(graph, check_shapes=False)
+
+
+def Calibration(graph: Graph, batches: Iterable[Sequence[torch.Tensor]], **kw: Any) -> _Calibration:  # noqa: N802
+    """`mxc.passes.calibrate.Calibration` on the reference backend."""
+    return _Calibration(graph, batches, executor=kw.pop("executor", executor), **kw)
+
+
+def calibrate(graph: Graph, **kw: Any) -> Graph:
+    """The calibrate pass on the reference backend."""
+    return _calibrate(graph, executor=kw.pop("executor", executor), **kw)
+
+
+def collect(graph: Graph, batches: Iterable[Sequence[torch.Tensor]], **kw: Any) -> dict[str, dict]:
+    """Every linear's statistics at once (see `mxc.passes.calibrate.collect`)."""
+    return _collect(graph, batches, executor=kw.pop("executor", executor), **kw)
+
+
+def text_batches(tokenizer: Any, *, n: int = 8, seq_len: int = 512, text: str | None = None) -> list[torch.Tensor]:
     """`n` windows of `seq_len` tokens of real text, from the end of the default text."""
     from .eval import default_text
 

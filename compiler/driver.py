@@ -19,7 +19,7 @@ from .compiled import CompiledModel
 from .frontends.torch_export import capture
 from .ir import flags
 from .passes import run_pipeline
-from .calibrate import text_batches
+from .calibrate import executor as calibration_executor, text_batches
 from .plan import Plan
 from .signature import CallSpec
 from .runtime import BACKENDS
@@ -78,7 +78,7 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         plan.check_matches(_linear_paths(captured.graph))
         batches = None if calibration is None else calibration_inputs(calibration, captured.call_spec)
         options = {
-            "calibrate": {"batches": batches},
+            "calibrate": {"batches": batches, "executor": calibration_executor},
             "smooth": {"alpha": alphas, "layers": alphas.__contains__},
             "quantize": {"plan": plan},
         }

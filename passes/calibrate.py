@@ -23,6 +23,11 @@ Statistics (float32 unless said):
   when asked for, and freed once the cursor has passed every linear that reads it;
 - layers reading one activation (q/k/v, gate/up) share one entry.
 
+The batches run on an `executor` the caller provides (`executor(graph)` returns an object
+whose `start(inputs)` gives a run with `advance(stop, observer)` and `operands(node)`, as
+`mxc.runtime.ReferenceExecutor` does): passes import only the IR, and `mxc.calibrate`
+binds the reference executor.
+
 Preserves: the graph (only `meta["calibration"]` is added).
 """
 
@@ -37,7 +42,6 @@ from tqdm.auto import tqdm
 
 from ..ir import Graph, Node, Value
 from ..ir.formats import NumberFormat
-from ..runtime import ReferenceExecutor
 from .quantize import layer_path
 
 #: Per-channel abs-value percentiles calibration records.
@@ -50,8 +54,16 @@ class Calibration:
     """Statistics of `graph`'s linear inputs over `batches` (each the list of the graph's
     input tensors), computed lazily and in graph order; see the module docstring."""
 
-    def __init__(self, graph: Graph, batches: Iterable[Sequence[torch.Tensor]], *, percentiles: Sequence[float] = PERCENTILES):
+    def __init__(
+        self,
+        graph: Graph,
+        batches: Iterable[Sequence[torch.Tensor]],
+        *,
+        executor: Callable[[Graph], Any],
+        percentiles: Sequence[float] = PERCENTILES,
+    ):
         self.graph = graph
+        self.executor = executor
         self.batches = [list(b) for b in batches]
         if not self.batches:
             raise ValueError("calibration needs at least one batch of real inputs, got none")
@@ -87,7 +99,12 @@ class Calibration:
         same batches (a pass that changed the graph invalidates the activations)."""
         if graph is self.graph and not self._closed:
             return self
-        return Calibration(graph, self.batches, percentiles=self.percentiles)
+        return self.fresh(graph)
+
+    def fresh(self, graph: Graph, percentiles: Sequence[float] | None = None) -> "Calibration":
+        """A new calibration of `graph` on the same batches and executor."""
+        p = self.percentiles if percentiles is None else percentiles
+        return Calibration(graph, self.batches, executor=self.executor, percentiles=p)
 
     def stats(self, path: str, *, hessian: bool = True) -> dict[str, Any]:
         """The statistics of layer `path`'s input (with its Hessian when `hessian`), running
@@ -145,7 +162,7 @@ class Calibration:
         if self._runs is None:
             if self._closed:
                 raise ValueError("calibration was closed; for_graph(graph) starts a fresh one")
-            executor = ReferenceExecutor(self.graph, check_shapes=False)
+            executor = self.executor(self.graph)
             self._runs = [executor.start(b) for b in self.batches]
             self._progress = tqdm(total=len(self._index), desc="calibrate", unit="layer", disable=None)
         if stop <= self._position:
@@ -221,18 +238,28 @@ def _tensor_percentiles(x: torch.Tensor, amax: float, percentiles: Sequence[floa
     return out
 
 
-def calibrate(graph: Graph, *, batches: Iterable[Sequence[torch.Tensor]] | None = None, percentiles: Sequence[float] = PERCENTILES) -> Graph:
-    """Attach a `Calibration` over `batches` as `graph.meta["calibration"]` (lazy: the
-    batches run when a later pass asks for a layer's statistics). No batches: `graph`."""
+def calibrate(
+    graph: Graph,
+    *,
+    batches: Iterable[Sequence[torch.Tensor]] | None = None,
+    executor: Callable[[Graph], Any] | None = None,
+    percentiles: Sequence[float] = PERCENTILES,
+) -> Graph:
+    """Attach a `Calibration` over `batches` run by `executor` as `graph.meta["calibration"]`
+    (lazy: the batches run when a later pass asks for a layer's statistics). No batches: `graph`."""
     if batches is None:
         return graph
-    return graph.with_meta(calibration=Calibration(graph, batches, percentiles=percentiles))
+    if executor is None:
+        raise ValueError("calibrate: batches need an executor to run them (mxc.calibrate binds the reference backend)")
+    return graph.with_meta(calibration=Calibration(graph, batches, executor=executor, percentiles=percentiles))
 
 
-def collect(graph: Graph, batches: Iterable[Sequence[torch.Tensor]], *, hessian: bool = True) -> dict[str, dict]:
+def collect(
+    graph: Graph, batches: Iterable[Sequence[torch.Tensor]], *, executor: Callable[[Graph], Any], hessian: bool = True
+) -> dict[str, dict]:
     """Every linear's statistics at once, `{path: entry}`, from the float graph (no layer is
     updated). Holds every Hessian: for analysis and tests; compilation uses `Calibration`."""
-    cal = Calibration(graph, batches)
+    cal = Calibration(graph, batches, executor=executor)
     out = {}
     for path in cal.paths:
         entry = cal.stats(path, hessian=hessian)

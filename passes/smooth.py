@@ -370,9 +370,7 @@ def _calibrated_amax(graph: Graph, layers: Callable[[str], bool] | None) -> dict
             f"smooth: layers {selected[:3]}{'...' if len(selected) > 3 else ''} need activation statistics: "
             "run the calibrate pass with calibration batches first, or pass amax="
         )
-    from .calibrate import Calibration  # abs-max only: no Hessians, no percentiles
-
-    cal = Calibration(graph, cal.batches, percentiles=())
+    cal = cal.fresh(graph, percentiles=())  # abs-max only: no Hessians, no percentiles
     out = {p: cal.stats(p, hessian=False)["amax"] for p in cal.paths if p in selected}
     cal.close()
     return out
