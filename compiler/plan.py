@@ -221,9 +221,11 @@ class Plan:
             return Plan.from_json(plan)
         raise ValueError(f"unknown plan {plan!r}: expected a Plan, a JSON file or text, or a preset: {', '.join(PRESETS)}")
 
-    def explain(self, layers: Iterable[tuple[str, str]] | None = None) -> str:
-        """The plan as a table; with `layers` ((module path, op) pairs), the rule and formats
-        each layer gets."""
+    def explain(self, layers: Any = None) -> str:
+        """The plan as a table; with `layers` — a model (`torch.nn.Module`), a compiled model
+        or graph, or (module path, op kind) pairs — the rule and formats each layer gets."""
+        if layers is not None and not isinstance(layers, (list, tuple)):
+            layers = model_layers(layers)
         clip = {None: "auto", True: "on", False: "off"}[self.clip_search]
         smooth = "off" if self.smooth is None else f"alpha {self.smooth}"
         lines = [f"plan {self.name or '(custom)'}: method {self.method}, clip search {clip}, smoothing {smooth}"]
@@ -236,6 +238,36 @@ class Plan:
             r = self.rule_for(path, op)
             lines.append(f"  {path:<40} {r.match:<20} {_s(r.weight):<34} {_s(r.act):<18} {_s(r.kv)}")
         return "\n".join(lines)
+
+
+def model_layers(model: Any) -> list[tuple[str, str]]:
+    """(module path, op kind) of every layer a plan can address: linears, embeddings and
+    attention of a `torch.nn.Module` (attention: the innermost module whose class is named
+    *Attention*, where the attention op is captured), or of a compiled model or graph."""
+    graph = getattr(model, "graph", model)
+    if hasattr(graph, "nodes"):
+        from .passes.quantize import layer_path
+
+        kinds = {"linear": "linear", "embedding": "embedding", "attention": "attention"}
+        return [
+            (layer_path(n, n.inputs[1].node if n.op == "linear" else None), kinds[n.op])
+            for n in graph.nodes if n.op in kinds
+        ]
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"explain: expected a model, a compiled model or (path, op) pairs, got {type(model).__name__}")
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            out.append((name, "linear"))
+        elif isinstance(mod, torch.nn.Embedding):
+            out.append((name, "embedding"))
+        elif "Attention" in type(mod).__name__ and not any(
+            "Attention" in type(m).__name__ for m in mod.modules() if m is not mod
+        ):
+            out.append((name, "attention"))
+    return out
 
 
 _RULE_KEYS = ("match", "op", "weight", "act", "kv", "options")

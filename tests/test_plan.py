@@ -9,6 +9,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
+
+import mxc
 
 from mxc.ir import parse_format
 from mxc.plan import PRESETS, Plan, Rule
@@ -315,3 +318,21 @@ def test_resolved_refuses_gptq_or_clip_search_without_calibration():
     assert "plan mine asks for GPTQ" in msg and "calibration=" in msg
     with pytest.raises(ValueError, match=r"(?s)a clipping search.*calibration="):
         Plan(method="rtn", clip_search=True).resolved(calibrated=False)
+
+
+def test_explain_a_model(tiny_llama):
+    """`plan.explain(model)`: every linear, embedding and attention of the module, with the
+    rule and formats it gets; a compiled model explains the same layers."""
+    plan = Plan.preset("w4a4-kv4")
+    rows = {line.split()[0]: line.split()[1:] for line in plan.explain(tiny_llama).splitlines()[2:]}
+    assert rows["lm_head"][:2] == ["lm_head", "float"]
+    assert rows["model.layers.1.mlp.down_proj"][:3] == ["*", "int4<asym,g128>", "int4<sym,g128>"]
+    assert rows["model.layers.0.self_attn"][-1] == "int4<asym,token>"
+    assert rows["model.embed_tokens"][-3:] == ["float", "float", "float"]
+    assert len(rows) == 2 * 7 + 1 + 2 + 1  # linears, attentions, embedding
+    with pytest.warns(UserWarning, match="no calibration data"):
+        compiled = mxc.compile(tiny_llama, plan, example_inputs=torch.randint(0, 131, (1, 5)))
+    from_graph = {line.split()[0] for line in plan.explain(compiled).splitlines()[2:]}
+    assert {p for p in rows if p != "model.embed_tokens"} <= from_graph
+    with pytest.raises(TypeError, match="expected a model, a compiled model or"):
+        plan.explain(42)
