@@ -119,3 +119,80 @@ def e8m0(x: torch.Tensor) -> torch.Tensor:
     _, exp = torch.frexp(x.float())
     exp = torch.where(x > 0, exp - 1, torch.full_like(exp, -127)).clamp(-127, 127)
     return torch.ldexp(torch.ones_like(x, dtype=torch.float32), exp.to(torch.int32))
+
+
+# --------------------------------------------------------------------------- bit patterns
+
+
+def _has_nan_code(spec: FloatSpec) -> bool:
+    """Whether the all-ones exponent field is (partly) reserved: e5m2 keeps it for inf/NaN,
+    e4m3fn keeps its all-ones code (S.1111.111) for NaN; the fp6/fp4 formats use every code."""
+    top = 2.0 ** (2**spec.ebits - 1 - spec.bias) * (2 - 2.0**-spec.mbits)
+    return spec.has_inf or spec.max < top
+
+
+def encode_bits(x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
+    """The bit pattern `sign|exponent|mantissa` (1 + ebits + mbits bits, as int32) of each
+    value of `x`, which must lie on `spec`'s grid (`round_float` output); exact. -0.0 keeps
+    its sign bit; ±inf (e5m2) and NaN (fp8 only) get their IEEE / OCP codes.
+
+        encode_bits(torch.tensor([1.5, -6.0]), FLOAT_SPECS["fp4e2m1"])   # tensor([3, 15])
+
+    Raises `ValueError` naming a value that is not on the grid."""
+    x = x.float()
+    sign = torch.signbit(x).to(torch.int32)
+    a = x.abs()
+    finite = torch.isfinite(a)
+    af = torch.where(finite, a, torch.zeros_like(a))
+    _, exp = torch.frexp(af)  # af = m * 2**exp, m in [0.5, 1): the binade is exp - 1
+    normal = (exp - 1 >= spec.min_normal_exp) & (af > 0)
+    binade = torch.where(normal, exp - 1, torch.full_like(exp, spec.min_normal_exp))
+    steps = torch.ldexp(af, (spec.mbits - binade).to(torch.int32))  # a / ulp: an integer on the grid
+    mant = steps - torch.where(normal, 2.0**spec.mbits, 0.0)
+    field = torch.where(normal, binade + spec.bias, torch.zeros_like(binade))
+    emask, mmask = 2**spec.ebits - 1, 2**spec.mbits - 1
+    if spec.has_inf:
+        field = torch.where(torch.isinf(a), torch.full_like(field, emask), field)
+        mant = torch.where(torch.isinf(a), torch.zeros_like(mant), mant)
+    if _has_nan_code(spec):
+        field = torch.where(torch.isnan(a), torch.full_like(field, emask), field)
+        mant = torch.where(torch.isnan(a), torch.full_like(mant, mmask), mant)
+    bits = (sign << (spec.ebits + spec.mbits)) | (field.to(torch.int32) << spec.mbits) | mant.to(torch.int32)
+    back = decode_bits(bits.clamp(0, 2 ** (1 + spec.ebits + spec.mbits) - 1), spec)
+    bad = ~((back == x) | (torch.isnan(back) & torch.isnan(x))) | (steps != torch.floor(steps))
+    if bool(bad.any()):
+        v = float(x[bad].reshape(-1)[0])
+        raise ValueError(
+            f"value {v!r} is not on the grid of {_spec_name(spec)}; expected a value of round_float(x, spec)"
+            f"{'' if _has_nan_code(spec) else ' (this format has no NaN or infinity)'}"
+        )
+    return bits
+
+
+def decode_bits(bits: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
+    """The float32 values of bit patterns `sign|exponent|mantissa` (integers in
+    [0, 2^(1+ebits+mbits))): the inverse of `encode_bits`. Raises `ValueError` for a
+    pattern out of range or a tensor that is not of an integer dtype."""
+    n = 1 + spec.ebits + spec.mbits
+    if bits.dtype.is_floating_point or bits.dtype.is_complex or bits.dtype == torch.bool:
+        raise ValueError(f"bit patterns must be an integer tensor, got {bits.dtype}")
+    b = bits.to(torch.int64)
+    if b.numel() and (int(b.min()) < 0 or int(b.max()) >= 2**n):
+        bad = int(b[(b < 0) | (b >= 2**n)].reshape(-1)[0])
+        raise ValueError(f"bit pattern {bad} out of range for {_spec_name(spec)}: expected 0..{2**n - 1} ({n} bits)")
+    emask, mmask = 2**spec.ebits - 1, 2**spec.mbits - 1
+    sign = (b >> (spec.ebits + spec.mbits)) & 1
+    field = (b >> spec.mbits) & emask
+    mant = (b & mmask).float()
+    subnormal = torch.ldexp(mant, torch.full_like(field, spec.min_normal_exp - spec.mbits).to(torch.int32))
+    normal = torch.ldexp(mant + 2.0**spec.mbits, (field - spec.bias - spec.mbits).to(torch.int32))
+    val = torch.where(field == 0, subnormal, normal)
+    if spec.has_inf:
+        val = torch.where(field == emask, torch.where(mant == 0, math.inf, math.nan), val)
+    elif _has_nan_code(spec):
+        val = torch.where((field == emask) & (mant == mmask), math.nan, val)
+    return torch.where(sign == 1, -val, val)
+
+
+def _spec_name(spec: FloatSpec) -> str:
+    return next((k for k, v in FLOAT_SPECS.items() if v == spec), str(spec))
