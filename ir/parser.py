@@ -3,6 +3,9 @@
     g2 = parse(str(g))          # str(g2) == str(g); weights come from `weights=`
     g2 = parse(text, weights=g.weights)
 
+A node line that ends with `{` opens a region (see `mxc.ir.printer`): `^(args)`, nodes,
+`yield ...` and `}`; it becomes the node's `body` attribute, a `Graph`.
+
 Errors name the line number, the line and what was expected.
 """
 
@@ -128,9 +131,22 @@ def parse(text: str, *, weights: Mapping[str, torch.Tensor] | None = None) -> Gr
     m = _HEADER.fullmatch(first)
     if m is None:
         raise ParseError(f"line {lineno}: expected 'graph @name(%arg: TYPE, ...) {{', got {first!r}")
+    inputs, env = _arguments(m[2], lineno)
+    dims: list[DimRange] = []
+    nodes, outputs, end = _block(lines, 1, env, dims, "return")
+    if end != len(lines) - 1:
+        raise ParseError(f"line {lines[-1][0]}: expected the end of the IR text after '}}'")
+    return Graph(m[1], tuple(inputs), tuple(nodes), outputs, tuple(dims), dict(weights or {}))
+
+
+_REGION_ARGS = re.compile(r"\^\((.*)\)")
+
+
+def _arguments(text: str, lineno: int) -> tuple[list[Node], dict[str, Node]]:
+    """The `input` nodes of `%name: TYPE, ...` (a graph's or a region's arguments)."""
     env: dict[str, Node] = {}
     inputs: list[Node] = []
-    for i, arg in enumerate(split_top(m[2]) if m[2].strip() else []):
+    for i, arg in enumerate(split_top(text) if text.strip() else []):
         am = _ARG.fullmatch(arg)
         if am is None:
             raise ParseError(f"line {lineno}: expected '%name: TYPE' for argument {i}, got {arg!r}")
@@ -139,36 +155,46 @@ def parse(text: str, *, weights: Mapping[str, torch.Tensor] | None = None) -> Gr
         node = Node.create("input", (), {"name": am[1], "index": i}, (_at(lineno, parse_type, am[2]),))
         env[am[1]] = node
         inputs.append(node)
+    return inputs, env
 
-    def value(ref: str, lineno: int) -> Value:
-        rm = _REF.fullmatch(ref.strip())
-        if rm is None or rm[1] not in env:
-            raise ParseError(f"line {lineno}: {ref.strip()!r} is not a value defined above")
-        node, n = env[rm[1]], len(env[rm[1]].types)
-        if (rm[2] is None) != (n == 1) or int(rm[2] or 0) >= n:
-            want = f"%{rm[1]}" if n == 1 else f"%{rm[1]}#0..%{rm[1]}#{n - 1}"
-            raise ParseError(f"line {lineno}: {ref.strip()!r} does not name a result; %{rm[1]} has {n}, expected {want}")
-        return Value(node, int(rm[2] or 0))
 
-    dims: list[DimRange] = []
+def _value(env: dict[str, Node], ref: str, lineno: int, region: bool) -> Value:
+    rm = _REF.fullmatch(ref.strip())
+    if rm is None or rm[1] not in env:
+        hint = " (a region reads only its ^(...) arguments)" if region else ""
+        raise ParseError(f"line {lineno}: {ref.strip()!r} is not a value defined above{hint}")
+    node, n = env[rm[1]], len(env[rm[1]].types)
+    if (rm[2] is None) != (n == 1) or int(rm[2] or 0) >= n:
+        want = f"%{rm[1]}" if n == 1 else f"%{rm[1]}#0..%{rm[1]}#{n - 1}"
+        raise ParseError(f"line {lineno}: {ref.strip()!r} does not name a result; %{rm[1]} has {n}, expected {want}")
+    return Value(node, int(rm[2] or 0))
+
+
+def _block(
+    lines: list[tuple[int, str]], start: int, env: dict[str, Node], dims: list[DimRange] | None, keyword: str
+) -> tuple[list[Node], tuple[Value, ...], int]:
+    """Parse node lines from `lines[start]` up to `keyword` (`return`, or `yield` in a region,
+    where `dims` is None) and the closing `}`: the nodes, the outputs and the index of `}`."""
+    region = dims is None
     nodes: list[Node] = []
     outputs: tuple[Value, ...] | None = None
-    for lineno, line in lines[1:]:
+    i = start
+    while i < len(lines):
+        lineno, line = lines[i]
         if outputs is not None:
             if line != "}":
-                raise ParseError(f"line {lineno}: expected '}}' after return, got {line!r}")
-            if lineno != lines[-1][0]:
-                raise ParseError(f"line {lines[-1][0]}: expected the end of the IR text after '}}'")
-            return Graph(m[1], tuple(inputs), tuple(nodes), outputs, tuple(dims), dict(weights or {}))
-        if dm := _DIM.fullmatch(line):
+                raise ParseError(f"line {lineno}: expected '}}' after {keyword}, got {line!r}")
+            return nodes, outputs, i
+        if not region and (dm := _DIM.fullmatch(line)):
             dims.append(DimRange(dm[1], int(dm[2]), None if dm[3] == "oo" else int(dm[3])))
-        elif line.startswith("return"):
-            outputs = tuple(value(r, lineno) for r in split_top(line[len("return") :]))
+        elif line.startswith(keyword):
+            outputs = tuple(_value(env, r, lineno, region) for r in split_top(line[len(keyword) :]))
         elif nm := _NODE.fullmatch(line):
             if nm[1] in env:
                 raise ParseError(f"line {lineno}: %{nm[1]} is defined twice")
-            operands = tuple(value(r, lineno) for r in split_top(nm[4])) if nm[4].strip() else ()
-            attrs_text, types_text, loc = _at(lineno, _split_rest, nm[5])
+            operands = tuple(_value(env, r, lineno, region) for r in split_top(nm[4])) if nm[4].strip() else ()
+            opens = nm[5].endswith(" {")  # a region follows
+            attrs_text, types_text, loc = _at(lineno, _split_rest, nm[5][:-2] if opens else nm[5])
             attrs: dict[str, Any] = {}
             for item in split_top(attrs_text) if attrs_text else []:
                 key, _, val = item.partition("=")
@@ -176,12 +202,29 @@ def parse(text: str, *, weights: Mapping[str, torch.Tensor] | None = None) -> Gr
             types = _at(lineno, _parse_types, types_text)
             if len(types) != int(nm[2] or 1):
                 raise ParseError(f"line {lineno}: declares {nm[2] or 1} results but {len(types)} types")
+            if opens:
+                attrs["body"], i = _region(lines, i + 1, str(attrs.get("kind", nm[3])))
             node = Node.create(nm[3], operands, attrs, types, loc)
             env[nm[1]] = node
             nodes.append(node)
         else:
-            raise ParseError(f"line {lineno}: expected 'dim', '%N = op(...) : TYPE' or 'return', got {line!r}")
-    raise ParseError(f"line {lines[-1][0]}: unexpected end of IR text: expected 'return ...' and '}}'")
+            want = "'%N = op(...) : TYPE' or 'yield'" if region else "'dim', '%N = op(...) : TYPE' or 'return'"
+            raise ParseError(f"line {lineno}: expected {want}, got {line!r}")
+        i += 1
+    raise ParseError(f"line {lines[-1][0]}: unexpected end of IR text: expected '{keyword} ...' and '}}'")
+
+
+def _region(lines: list[tuple[int, str]], start: int, name: str) -> tuple[Graph, int]:
+    """The region whose `^(...)` line is `lines[start]`: its graph and the index of its `}`."""
+    if start >= len(lines):
+        raise ParseError(f"line {lines[-1][0]}: unexpected end of IR text: expected the region's '^(%name: TYPE, ...)'")
+    lineno, line = lines[start]
+    am = _REGION_ARGS.fullmatch(line)
+    if am is None:
+        raise ParseError(f"line {lineno}: expected the region's arguments '^(%name: TYPE, ...)', got {line!r}")
+    inputs, env = _arguments(am[1], lineno)
+    nodes, outputs, end = _block(lines, start + 1, env, None, "yield")
+    return Graph(name, tuple(inputs), tuple(nodes), outputs), end
 
 
 def _at(lineno: int, fn, *args):

@@ -11,6 +11,18 @@
 Arguments keep their names; body values are numbered in order; `%n#i` is output i of a
 multi-output node. Weights print by name and type, never by value. `mxc.ir.parse` reads
 this text back, and `print_graph(parse(text)) == text`.
+
+A node with a region (`fused`, whose `body` attribute is a `Graph`) ends its line with `{`;
+the region follows, indented: its arguments `^(...)` (the node's operands, in order), its
+nodes, numbered from `%0` again (a region reads only its arguments, never values of the
+enclosing graph), and `yield` with the values that become the node's results:
+
+      %7 = fused(%4, %5, %6) {kind="dequant_gemm"} : f32[b, s, 64] loc("m.fc") {
+        ^(%a0: f32[b, s, 72], %a1: int4<sym,g32>[64, 72], %a2: f32[64, 3])
+        %0 = dequantize(%a1, %a2) {format=int4<sym,g32>, dtype=f32} : f32[64, 72] loc("m.fc")
+        %1 = linear(%a0, %0) : f32[b, s, 64] loc("m.fc")
+        yield %1
+      }
 """
 
 from __future__ import annotations
@@ -63,7 +75,8 @@ def value_names(graph: Graph) -> dict[Node, str]:
 
 
 def print_node(node: Node, names: dict[Node, str]) -> str:
-    """One line: `%k = op(%a, %b) {attrs} : type loc("path")`."""
+    """One line: `%k = op(%a, %b) {attrs} : type loc("path")`; a region (an attribute whose
+    value is a `Graph`) is not part of the line (see `print_lines`)."""
 
     def ref(v: Value) -> str:
         base = names.get(v.node, "%<undefined>")
@@ -71,12 +84,42 @@ def print_node(node: Node, names: dict[Node, str]) -> str:
 
     lhs = names[node] if len(node.types) == 1 else f"{names[node]}:{len(node.types)}"
     text = f"{lhs} = {node.op}({', '.join(ref(v) for v in node.inputs)})"
-    if node.attrs:
-        text += " {" + ", ".join(f"{k}={format_attr(v)}" for k, v in node.attrs) + "}"
+    attrs = [(k, v) for k, v in node.attrs if not isinstance(v, Graph)]
+    if attrs:
+        text += " {" + ", ".join(f"{k}={format_attr(v)}" for k, v in attrs) + "}"
     text += f" : {_types(node)}"
     if node.loc:
         text += f" loc({json.dumps(node.loc)})"
     return text
+
+
+def region_of(node: Node) -> Graph | None:
+    """The region a node holds (the value of its `Graph` attribute), or None."""
+    for _, v in node.attrs:
+        if isinstance(v, Graph):
+            return v
+    return None
+
+
+def print_lines(node: Node, names: dict[Node, str], indent: str = "  ") -> list[str]:
+    """`node`'s text: its line, and for a node with a region the region's lines and `}`."""
+    line = indent + print_node(node, names)
+    body = region_of(node)
+    if body is None:
+        return [line]
+    inner = indent + "  "
+    body_names = value_names(body)
+    args = ", ".join(f"{body_names[n]}: {n.types[0]}" for n in body.inputs)
+    lines = [line + " {", f"{inner}^({args})"]
+    for n in body.nodes:
+        lines += print_lines(n, body_names, inner)
+    lines.append(f"{inner}yield " + ", ".join(_ref(v, body_names) for v in body.outputs))
+    lines.append(indent + "}")
+    return lines
+
+
+def _ref(v: Value, names: dict[Node, str]) -> str:
+    return names[v.node] if len(v.node.types) == 1 else f"{names[v.node]}#{v.index}"
 
 
 def print_graph(graph: Graph) -> str:
@@ -85,11 +128,8 @@ def print_graph(graph: Graph) -> str:
     args = ", ".join(f"{names[n]}: {n.types[0]}" for n in graph.inputs)
     lines = [f"graph @{graph.name}({args}) {{"]
     lines += [f"  dim {d}" for d in graph.dims]
-    lines += ["  " + print_node(n, names) for n in graph.nodes]
-
-    def ref(v: Value) -> str:
-        return names[v.node] if len(v.node.types) == 1 else f"{names[v.node]}#{v.index}"
-
-    lines.append("  return " + ", ".join(ref(v) for v in graph.outputs))
+    for n in graph.nodes:
+        lines += print_lines(n, names)
+    lines.append("  return " + ", ".join(_ref(v, names) for v in graph.outputs))
     lines.append("}")
     return "\n".join(lines) + "\n"

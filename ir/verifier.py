@@ -2,19 +2,24 @@
 
 `verify(graph)` checks SSA (every operand is defined above its use, by a node of this graph),
 the op set (known op, operand count, attribute names and types), types (dims are ints or
-expressions over the graph's size symbols) and shapes (the types each node declares equal
-the types its op's rule infers). It raises `VerificationError` listing each offender as its
-printed line, what was expected and what came.
+expressions over the graph's size symbols), shapes (the types each node declares equal
+the types its op's rule infers; `dequantize` checks the layout of packed codes) and weights
+(a const's tensor has its shape; a packed const's tensor is the int32 words of
+`packed_shape`, or in IR-level graphs not yet packed, a tensor of the codes' shape). It
+raises `VerificationError` listing each offender as its printed line, what was expected and
+what came.
 """
 
 from __future__ import annotations
 
 import sympy
+import torch
 
 from .formats import FloatFormat, IntFormat
 from .graph import Graph, Node
 from .ops import OPS
-from .printer import print_node, value_names
+from .packing import packed_shape
+from .printer import print_node, region_of, value_names
 from .types import TensorType, dims_equal, sym
 
 
@@ -45,6 +50,18 @@ def _check_type(t: TensorType, symbols: set) -> str | None:
             return f"dim {d} of {t} uses size symbols {unknown} that the graph does not declare"
     if isinstance(t.dtype, (IntFormat, FloatFormat)) is False and t.layout is not None:
         return f"layout {t.layout} on plain dtype {t.dtype}: only quantized formats are packed"
+    return None
+
+
+def _check_storage(w, t: TensorType) -> str | None:
+    """Why weight tensor `w` cannot store a const of type `t` (None if it can): a tensor of
+    its shape; for packed codes the int32 words of `packed_shape` (or the codes' shape, not
+    yet packed: a `dequantize` of those fails at run time, naming the word count it wants)."""
+    if t.layout is None or (tuple(w.shape) == t.shape and w.dtype != torch.int32):
+        return None if tuple(w.shape) == t.shape else f"has shape {list(w.shape)}, the node declares {t}"
+    want = packed_shape(t.shape, t.layout)
+    if tuple(w.shape) != want or w.dtype != torch.int32:
+        return f"is {w.dtype} {list(w.shape)}; packed {t} is stored as int32 words {list(want)}"
     return None
 
 
@@ -98,19 +115,34 @@ def _check_node(node: Node, ranges: dict) -> str | None:
 
 
 def verify(graph: Graph) -> Graph:
-    """Return `graph` if it is well formed; else raise `VerificationError` with every problem."""
-    names = value_names(graph)
+    """Return `graph` if it is well formed; else raise `VerificationError` with every problem.
+    The region of a `fused` node is checked like a graph (its types over the enclosing graph's
+    size symbols, its operands defined in it: a region reads only its arguments, it holds no
+    `const`), and the op's type rule matches the node's operands and results to the region's
+    arguments and yields."""
     symbols = {sym(d.name) for d in graph.dims}
     ranges = {sym(d.name): (d.lo, d.hi) for d in graph.dims}
     problems: list[tuple[str, str]] = []
-    defined: set[Node] = set()
-
-    def problem(node: Node | None, msg: str) -> None:
-        problems.append((print_node(node, names) if node is not None else "<graph>", msg))
-
     bindable = {d for n in graph.inputs for t in n.types for d in t.shape if isinstance(d, sympy.Symbol)}
     for s in sorted(symbols - bindable, key=str):
         problems.append((f"dim {s}", f"size symbol {s} is no input's dim, so no call can bind it"))
+    _check_graph(graph, symbols, ranges, problems, None)
+    if problems:
+        raise VerificationError(graph.name, problems)
+    return graph
+
+
+def _check_graph(graph: Graph, symbols: set, ranges: dict, problems: list[tuple[str, str]], region: str | None) -> None:
+    """Append the problems of `graph`'s arguments, nodes and outputs to `problems`; for the
+    region of a node, `region` names that node (its messages say "in the region of %k")."""
+    names = value_names(graph)
+    defined: set[Node] = set()
+    end = "return" if region is None else "yield"
+
+    def problem(node: Node | str | None, msg: str) -> None:
+        where = node if isinstance(node, str) else print_node(node, names) if node is not None else "<graph>"
+        problems.append((where, msg if region is None else f"in the region of {region}: {msg}"))
+
     for i, node in enumerate(graph.inputs):
         if node.op != "input" or node.get("index") != i or len(node.types) != 1:
             problem(node, f"argument {i} must be an 'input' node with index={i} and one type")
@@ -133,21 +165,23 @@ def verify(graph: Graph) -> Graph:
                     problem(node, msg)
             if (msg := _check_node(node, ranges)) is not None:
                 problem(node, msg)
+            elif node.op == "const" and region is not None:
+                problem(node, "a region holds no const: weights are operands of the node that holds the region")
             elif node.op == "const":
                 name = node.get("name")
                 if graph.weights and name not in graph.weights:
                     problem(node, f"weight {name!r} is not among the graph's weights")
-                elif name in graph.weights and tuple(graph.weights[name].shape) != node.types[0].shape:
-                    problem(node, f"weight {name!r} has shape {list(graph.weights[name].shape)}, the node declares {node.types[0]}")
+                elif name in graph.weights and (msg := _check_storage(graph.weights[name], node.types[0])) is not None:
+                    problem(node, f"weight {name!r} {msg}")
                 if name in seen_names:
                     problem(node, f"weight {name!r} has two const nodes")
                 seen_names.add(name)
+            if (body := region_of(node)) is not None:
+                inner = names[node] if region is None else f"{names[node]} in the region of {region}"
+                _check_graph(body, symbols, ranges, problems, inner)
         defined.add(node)
     for k, v in enumerate(graph.outputs):
         if v.node not in defined:
-            problems.append(("return", f"output {k} is not defined in the graph"))
+            problem(end, f"output {k} is not defined in the graph")
         elif v.index >= len(v.node.types):
-            problems.append(("return", f"output {k} reads result {v.index} of a node with {len(v.node.types)} results"))
-    if problems:
-        raise VerificationError(graph.name, problems)
-    return graph
+            problem(end, f"output {k} reads result {v.index} of a node with {len(v.node.types)} results")
