@@ -4,7 +4,9 @@
 
 Each plan is a preset name with optional modifiers after colons: `rtn` (round to nearest,
 no clipping search, no calibration data), `nosmooth` (no smoothing), `alpha=0.65`
-(smoothing strength). Every plan runs in its own process, so that its compile time and
+(smoothing strength), `outliers=32` (or a fraction, `outliers=0.05`: that many input channels of
+every quantized linear reordered last and kept at `int8` — the reorder pass — or at f32 with
+`outliers=32:outfmt=float`). Every plan runs in its own process, so that its compile time and
 peak RSS are its own (the process loads the model, compiles, measures perplexity over
 `--windows` windows of 512 tokens of `pydoc_data.topics`; calibration windows come from the
 other end of the text). The table (plan, method, average bits, size, perplexity, change
@@ -55,9 +57,26 @@ def make_plan(spec: str):
             plan = dataclasses.replace(plan, smooth=None)
         elif m.startswith("alpha="):
             plan = dataclasses.replace(plan, smooth=float(m.split("=", 1)[1]))
+        elif m.startswith(("outliers=", "outfmt=")):
+            key, value = m.split("=", 1)
+            if key == "outliers":
+                option = ("outliers", float(value) if "." in value else int(value))
+            else:
+                option = ("outlier_format", value)
+            plan = dataclasses.replace(plan, rules=tuple(_with_option(r, *option) for r in plan.rules),
+                                       default=_with_option(plan.default, *option))
         else:
-            raise SystemExit(f"unknown plan modifier {m!r} in {spec!r}; expected rtn, nosmooth or alpha=A")
+            raise SystemExit(
+                f"unknown plan modifier {m!r} in {spec!r}; expected rtn, nosmooth, alpha=A, outliers=K or outfmt=F"
+            )
     return plan, "rtn" in mods
+
+
+def _with_option(rule, key: str, value):
+    """`rule` with `options[key] = value` when it quantizes a linear (float rules stay as they are)."""
+    if rule.op != "linear" or (rule.weight is None and rule.act is None):
+        return rule
+    return dataclasses.replace(rule, options={**rule.options, key: value})
 
 
 def run_one(spec: str, calibration: int, windows: int) -> dict:

@@ -21,6 +21,32 @@ format: keys and values pass through `quantize`/`dequantize` (per token and head
             %8 = dequantize(%5, %6, %7) {format=int4<asym,g32>, dtype=f32} : f32[64, 72]
             %9 = linear(%4, %8) : f32[b, s, 64] loc("m.fc")
 
+A layer the reorder pass recorded in `graph.meta["reordered"][path]` with k outlier channels
+(its last k input channels, contiguous) gets mixed precision inside the tensor: the first
+K-k input channels take the rule's formats, the last k the rule's `outlier_format` (default
+`int8<sym,channel>` for the weight, `int8<sym,token>` for the activation when the rule
+quantizes it; "float" keeps them f32). The IR says so explicitly, as the two GEMMs a fused
+mixed-precision kernel runs into one accumulator (Atom, QUIK): the input is sliced, each
+part quantized in its own format, each weight part dequantized, and the two products added:
+
+    %a = slice(%x) {axis=2, start=0, end=64, step=1} : f32[b, s, 64]     (+ quantize/dequantize)
+    %b = slice(%x) {axis=2, start=64, end=72, step=1} : f32[b, s, 8]     (+ quantize/dequantize)
+    %wa = dequantize(%c0, %s0) {format=int4<sym,g32>, dtype=f32} : f32[N, 64]   "{path}.weight"
+    %wb = dequantize(%c1, %s1) {format=int8<sym,channel>, dtype=f32} : f32[N, 8] "{path}.weight.outliers"
+    %ya = linear(%a, %wa, %bias) : f32[b, s, N]
+    %yb = linear(%b, %wb) : f32[b, s, N]
+    %y = add(%ya, %yb) : f32[b, s, N]
+
+(every node with the layer's loc). Each weight part is its own constant, packed by the
+layout pass at its own width; the add is one GEMM's epilogue (a residual add of the other's
+result), so a kernel reads each part once, in its own format, into one output.
+With GPTQ the Hessian (already in the reordered channel order: calibration runs the
+reordered graph) is split: the low-bit part is solved under the Schur complement
+`H_ll - H_lo H_oo⁻¹ H_ol` and its error is then compensated optimally in the outlier columns
+(`W_o -= ΔW_l H_lo H_oo⁻¹`) before they are quantized under `H_oo` (QUIK's scheme: exact
+GPTQ with the outlier columns last). The record then holds both parts (`"parts"`; `bits`
+and `bytes` count both).
+
 Weights are rounded to nearest by default; `method="gptq"` uses the Hessians that
 calibration left in `graph.meta["calibration"]` (per layer path), and `clip_search` picks
 per-block clipping ratios that minimise each layer's output error. What each layer got is
@@ -35,7 +61,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..ir import F32, FloatFormat, Graph, IntFormat, Node, NumberFormat, TensorType, Value
+from ..ir import F32, FloatFormat, Graph, IntFormat, Node, NumberFormat, TensorType, Value, parse_format
 from ..ir.ops import quant_parts, scale_shape
 
 
@@ -189,6 +215,7 @@ def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
     """Apply `plan` to `graph` (see the module docstring); returns `graph` if it changes nothing."""
     calib = _Stats(graph)
     weights = dict(graph.weights)
+    reordered = graph.meta.get("reordered", {})
     record: dict[str, dict] = {}
     readers: dict[Node, int] = {}  # a tied weight (lm_head = embedding) has several
     for n in graph.nodes:
@@ -203,6 +230,15 @@ def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
             return None
         opts = {"method": plan.method, "clip_search": plan.clip_search, **rule.options}
         stats = calib.get(path, hessian=rule.weight is not None)
+        k = reordered.get(path, {}).get("outliers", 0)
+        if k:
+            base = f"{path}.weight"
+            if base in graph.weights and (wnode.get("name") != base or readers.get(wnode, 0) > 1):
+                base = f"{path}.qweight"
+            emitted, rec, wq, act = _mixed_linear(node, path, rule, opts, stats, k, graph.weights, weights, base)
+            record[path] = rec
+            calib.update(path, weight=wq, act=act)
+            return emitted
         inputs, emitted, act = list(node.inputs), [], None
         if rule.act is not None:
             static: list[Node] = []
@@ -270,6 +306,184 @@ def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
     out.meta["quantized"] = {**graph.meta.get("quantized", {}), **record}
     out.meta.pop("calibration", None)  # the batches' activations are not the compiled model's
     return out
+
+
+#: The formats of the outlier channels when a rule does not say (`outlier_format`).
+DEFAULT_OUTLIER_FORMAT = {"weight": "int8<sym,channel>", "act": "int8<sym,token>"}
+_FLOAT_NAMES = ("float", "none", "f32", "fp32")
+
+
+def outlier_formats(spec: Any, where: str) -> tuple[NumberFormat | None, NumberFormat | None]:
+    """The (weight, activation) formats of the outlier channels from a rule's `outlier_format`
+    option: None (the defaults), a format's text for the weight part ("float" keeps weight and
+    activation outliers f32), or `{"weight": text, "act": text}` (a missing key: the default;
+    "float": f32). `where` names the layer or rule in errors."""
+    expected = ('a number format text, "float", or {"weight": text, "act": text} '
+                f'(default {DEFAULT_OUTLIER_FORMAT})')
+    if spec is None:
+        spec = dict(DEFAULT_OUTLIER_FORMAT)
+    elif isinstance(spec, str):
+        spec = {"weight": spec, "act": spec if spec.lower() in _FLOAT_NAMES else DEFAULT_OUTLIER_FORMAT["act"]}
+    elif isinstance(spec, dict) and spec and set(spec) <= {"weight", "act"}:
+        spec = {**DEFAULT_OUTLIER_FORMAT, **spec}
+    else:
+        raise ValueError(f"{where}: outlier_format must be {expected}, got {spec!r}")
+    out = []
+    for part in ("weight", "act"):
+        text = spec[part]
+        if not isinstance(text, str):
+            raise ValueError(f"{where}: outlier_format {part} must be {expected}, got {text!r}")
+        if text.lower() in _FLOAT_NAMES:
+            out.append(None)
+            continue
+        try:
+            fmt = parse_format(text)
+        except ValueError as e:
+            raise ValueError(f"{where}: outlier_format {part} must be {expected}, got {text!r} ({e})") from None
+        bad, allowed = ("token", "weights scale per tensor, channel, group or block") if part == "weight" else (
+            "channel", "activations scale per token, tensor, group or block")
+        if fmt.scaling.kind == bad:
+            raise ValueError(f"{where}: outlier_format {part} {fmt} scales per {bad}; {allowed}")
+        out.append(fmt)
+    return out[0], out[1]
+
+
+def _slice_last(x: Value, start: int, end: int, loc: str | None) -> Node:
+    axis = x.type.rank - 1
+    shape = (*x.type.shape[:-1], end - start)
+    return Node.create("slice", [x], {"axis": axis, "start": start, "end": end, "step": 1}, [x.type.with_shape(shape)], loc)
+
+
+def _split_quantize(
+    w: torch.Tensor, cut: int, formats: tuple[NumberFormat | None, NumberFormat | None], opts: dict,
+    hessian: torch.Tensor | None, factors: dict | None,
+) -> list[tuple[dict[str, torch.Tensor] | None, torch.Tensor]]:
+    """The parts (None for a float part) and dequantized values of `w[:, :cut]` and
+    `w[:, cut:]` in their formats; with GPTQ, the outlier part compensates the error of the
+    low-bit part (see the module docstring)."""
+    w = w.float()
+    method, clip = opts["method"], opts["clip_search"]
+    low, high = w[:, :cut], w[:, cut:]
+    h_low = h_high = gain = None
+    if hessian is not None:
+        h = hessian.to(torch.float64)
+        h_ll, h_lo, h_oo = h[:cut, :cut], h[:cut, cut:], h[cut:, cut:]
+        h_high = h_oo
+        if method == "gptq":
+            eye = torch.eye(h_oo.shape[0], dtype=h.dtype)
+            damped = h_oo + 0.01 * float(h_oo.diagonal().mean().clamp(min=1e-12)) * eye
+            gain = torch.linalg.solve(damped, h_lo.T)  # H_oo⁻¹ H_ol: [k, cut]
+            h_low = h_ll - h_lo @ gain  # the Schur complement: the outliers compensate
+        else:
+            h_low = h_ll
+    sub = lambda key: None if factors is None else factors.setdefault(("outliers", cut, key), {})  # noqa: E731
+    out = []
+    fmt = formats[0]
+    if fmt is None:
+        out.append((None, low))
+    else:
+        out.append(quantize_weight(low, fmt, method=method, clip_search=clip, hessian=h_low, factors=sub("low")))
+    if gain is not None:
+        high = (high.to(torch.float64) - (out[0][1] - low).to(torch.float64) @ gain.T).float()
+    fmt = formats[1]
+    if fmt is None:
+        out.append((None, high))
+    else:
+        out.append(quantize_weight(high, fmt, method=method, clip_search=clip, hessian=h_high, factors=sub("high")))
+    return out
+
+
+def _mixed_linear(
+    node: Node, path: str, rule: RuleLike, opts: dict, stats: dict, k: int,
+    originals: dict, weights: dict, base: str,
+) -> tuple[list[Node], dict, torch.Tensor | None, Any]:
+    """A linear whose last `k` input channels are outliers (the reorder pass put them there):
+    the nodes replacing it, its record, its dequantized weight and its activation function
+    for calibration (see the module docstring)."""
+    where = f"layer {path!r}"
+    w_out, a_out = outlier_formats(rule.options.get("outlier_format"), where)
+    wnode = node.inputs[1].node
+    n, kdim = wnode.types[0].shape
+    if not 0 < k < kdim:
+        raise ValueError(f"{where}: the reorder pass recorded {k} outlier channels, expected 1..{kdim - 1} (K={kdim})")
+    cut = kdim - k
+    x, loc = node.inputs[0], node.loc
+    emitted: list[Node] = []
+    xs, fns = [], []
+    amax = stats.get("amax")
+    for i, (lo, hi, fmt) in enumerate([(0, cut, rule.act), (cut, kdim, a_out if rule.act is not None else None)]):
+        part = _slice_last(x, lo, hi, loc)
+        emitted.append(part)
+        if fmt is None:
+            xs.append(part.out)
+            fns.append(lambda t: t)
+            continue
+        static: list[Node] = []
+        fn = fmt.fake
+        if fmt.scaling.kind == "tensor":
+            sub = {} if amax is None else {"amax": amax[lo:hi], "tensor_percentiles": stats.get("tensor_percentiles", {})}
+            scale = static_scale(fmt, sub, path, opts.get("act_percentile") if i == 0 else None)
+            name = f"{path}.input_scale" + ("" if i == 0 else ".outliers")
+            weights[name] = scale
+            static = [Node.create("const", (), {"name": name}, [TensorType((1, 1), F32)])]
+            fn = lambda t, f=fmt, s=scale: f.dequantize(f.encode(t, s))  # noqa: E731
+        extra, v = _quant_dequant(part.out, fmt, loc, static)
+        emitted += extra
+        xs.append(v)
+        fns.append(fn)
+
+    w = originals[wnode.get("name")]
+    formats = (rule.weight, w_out if rule.weight is not None else None)
+    hessian = stats.get("hessian") if rule.weight is not None else None
+    factors = stats.setdefault("gptq_factors", {}) if hessian is not None else None
+    parts = _split_quantize(w, cut, formats, opts, hessian, factors)
+    dtype = wnode.types[0].dtype
+    ws, recs = [], []
+    for (q, wq_part), fmt, (lo, hi), name in zip(parts, formats, [(0, cut), (cut, kdim)], [base, f"{base}.outliers"]):
+        t = TensorType((n, hi - lo), dtype)
+        if q is None:  # a float part
+            weights[name] = wq_part.to(w.dtype).contiguous()  # f32 (with GPTQ: compensated)
+            const = Node.create("const", (), {"name": name}, [t])
+            emitted.append(const)
+            ws.append(const.out)
+            recs.append({"format": str(dtype), "shape": (n, hi - lo), "bits": float(dtype.bits),
+                         "bytes": n * (hi - lo) * w.element_size(), "weights": [name], "columns": [lo, hi]})
+            continue
+        consts = []
+        for part, pt in zip(quant_parts(fmt), _parts_types(fmt, t)):
+            cname = name + ("" if part == "codes" else f".{part}")
+            weights[cname] = q[part]
+            consts.append(Node.create("const", (), {"name": cname}, [pt]))
+        dq = Node.create("dequantize", [c.out for c in consts], {"format": fmt, "dtype": dtype}, [t], loc)
+        emitted += [*consts, dq]
+        ws.append(dq.out)
+        recs.append({"format": str(fmt), "shape": (n, hi - lo), "bits": fmt.effective_bits(hi - lo),
+                     "bytes": format_bytes(fmt, (n, hi - lo)), "weights": [c.get("name") for c in consts],
+                     "columns": [lo, hi]})
+    ya = Node.create("linear", [xs[0], ws[0], *node.inputs[2:]], {}, node.types, loc)
+    yb = Node.create("linear", [xs[1], ws[1]], {}, node.types, loc)
+    y = Node.create("add", [ya.out, yb.out], {}, node.types, loc)
+    emitted += [ya, yb, y]
+
+    record: dict[str, Any] = {"outliers": k}
+    wq = None
+    if rule.weight is not None:
+        wq = torch.cat([parts[0][1], parts[1][1]], dim=1)
+        record.update(_layer_record(rule.weight, w, wq, hessian))
+        record.update({
+            "format": f"{rule.weight} + {k} {formats[1] or 'f32'}",
+            "bits": sum(r["bits"] * (r["columns"][1] - r["columns"][0]) for r in recs) / kdim,
+            "bytes": sum(r["bytes"] for r in recs),
+            "weights": [name for r in recs for name in r["weights"]],
+            "parts": recs,
+        })
+    if rule.act is not None:
+        record["act"] = f"{rule.act} + {k} {a_out or 'f32'}"
+
+    def act(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fns[0](t[..., :cut]).to(t.dtype), fns[1](t[..., cut:]).to(t.dtype)], dim=-1)
+
+    return emitted, record, wq, act if rule.act is not None else None
 
 
 def _layer_record(fmt: NumberFormat, w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor | None) -> dict:
