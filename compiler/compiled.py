@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .ir import Graph
+from .ir import Graph, parse_layout
 from .signature import CallSpec
 
 
@@ -80,6 +80,26 @@ class Report:
         return "\n".join(lines)
 
 
+def _with_packed_bytes(layers: dict[str, dict], packed: dict[str, dict]) -> dict[str, dict]:
+    """`layers` with each packed weight's codes counted at their packed size: the quantize
+    pass counts ceil(bits·N·K/8) bytes of codes, the layout pass stores N·ceil(bits·K/32)
+    int32 words (`graph.meta["layout"]`), which is more when a row's bits do not fill its
+    last word. Scales and zero points keep their nominal bytes. A layer in two parts (outlier
+    channels at another precision: `r["parts"]`) has each part's codes counted so."""
+    out = {}
+    for path, r in layers.items():
+        delta = 0
+        for part in r.get("parts") or [r]:
+            codes = (part.get("weights") or [None])[0]
+            if codes in packed and "bytes" in part and "shape" in part:
+                dense = -(-parse_layout(packed[codes]["layout"]).bits * _numel(part["shape"]) // 8)
+                delta += packed[codes]["bytes"] - dense
+        if delta and "bytes" in r:
+            r = {**r, "bytes": r["bytes"] + delta}
+        out[path] = r
+    return out
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -118,7 +138,7 @@ class CompiledModel:
     def report(self) -> Report:
         counts = self.graph.op_counts()
         fallbacks = {k.removeprefix("torch:"): v for k, v in counts.items() if k.startswith("torch:")}
-        layers = dict(self.graph.meta.get("quantized", {}))
+        layers = _with_packed_bytes(dict(self.graph.meta.get("quantized", {})), self.graph.meta.get("layout", {}))
         packed_names = {n for r in layers.values() for n in r.get("weights", ())}  # counted in r["bytes"]
         weights = self.graph.used_weights()
         plain = sum(t.numel() * t.element_size() for k, t in weights.items() if k not in packed_names)

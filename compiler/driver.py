@@ -27,7 +27,7 @@ from .runtime import BACKENDS
 #: The passes run for a model with no plan, in order.
 FLOAT_PIPELINE = ["canonicalize"]
 #: The passes run for a plan, in order.
-QUANT_PIPELINE = ["canonicalize", "calibrate", "smooth", "quantize"]
+QUANT_PIPELINE = ["canonicalize", "calibrate", "smooth", "reorder", "quantize", "fold"]
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile
@@ -64,22 +64,26 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     else:
         plan = plan.resolved(calibrated=calibration is not None)
         alphas = plan.smoothing(_linear_paths(captured.graph))
+        outliers = _outlier_counts(plan, captured.graph)
         if calibration is None:
             skipped = [what for what, on in [("weights are rounded to nearest (no GPTQ, no clipping search)",
                                               any(r.weight is not None for r in (*plan.rules, plan.default))),
-                                             ("activations are not smoothed", bool(alphas))] if on]
+                                             ("activations are not smoothed", bool(alphas)),
+                                             ("outlier channels are not reordered (no mixed precision)",
+                                              bool(outliers))] if on]
             if skipped:
                 warnings.warn(
                     f"plan {plan.name or '(custom)'}: no calibration data, so {' and '.join(skipped)}; "
                     "pass calibration=tokenizer for better accuracy",
                     stacklevel=2,
                 )
-            alphas = {}
+            alphas, outliers = {}, {}
         plan.check_matches(_linear_paths(captured.graph))
         batches = None if calibration is None else calibration_inputs(calibration, captured.call_spec)
         options = {
             "calibrate": {"batches": batches, "executor": calibration_executor},
             "smooth": {"alpha": alphas, "layers": alphas.__contains__},
+            "reorder": {"outliers": outliers},
             "quantize": {"plan": plan},
         }
         result = run_pipeline(captured.graph, QUANT_PIPELINE, options=options, verify=debug, dump_dir=dump_ir)
@@ -114,3 +118,23 @@ def _linear_paths(graph) -> list[str]:
     from .passes.quantize import layer_path
 
     return [layer_path(n, n.inputs[1].node) for n in graph.nodes if n.op == "linear"]
+
+
+def _outlier_counts(plan: Plan, graph) -> dict[str, int]:
+    """`{path: k}` for the reorder pass: every linear whose rule quantizes something and has
+    an `outliers` option (a count, or a fraction of the layer's K), where k > 0."""
+    from .passes.quantize import layer_path
+    from .passes.reorder import outlier_count
+
+    out = {}
+    for n in graph.nodes:
+        if n.op != "linear" or n.inputs[1].node.op != "const":
+            continue
+        path = layer_path(n, n.inputs[1].node)
+        rule = plan.rule_for(path, "linear")
+        value = rule.options.get("outliers")
+        if value is not None and (rule.weight is not None or rule.act is not None):
+            k = outlier_count(value, n.inputs[1].type.shape[1], path)
+            if k:
+                out[path] = k
+    return out

@@ -18,7 +18,10 @@ Quantization options live on the plan: `method` "rtn" (round to nearest), "gptq"
 migration strength α for layers whose activations are quantized (None: no smoothing; it
 needs calibration data). A rule may override them per layer with `options`
 (`{"method": "rtn"}`, `{"smooth_alpha": 0.8}`, `{"act_percentile": 99.9}` for static
-activation scales).
+activation scales, `{"outliers": 32}` or `{"outliers": 0.05}` — a count or a fraction of K of
+input channels the reorder pass moves last and the quantize pass keeps at `outlier_format`,
+default `{"weight": "int8<sym,channel>", "act": "int8<sym,token>"}`, "float" for f32; needs
+calibration data).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .ir import FloatFormat, IntFormat, NumberFormat, parse_format
+from .passes.quantize import outlier_formats
 
 OP_KINDS = ("linear", "embedding", "attention")
 METHODS = ("auto", "rtn", "gptq")
@@ -78,6 +82,17 @@ class Rule:
                 f"rule {self.match!r}: weight format {self.weight} scales per token; weights scale per tensor, "
                 "channel, group or block"
             )
+        outliers = self.options.get("outliers")
+        if outliers is not None and (
+            isinstance(outliers, bool) or not isinstance(outliers, (int, float))
+            or not (outliers >= 0 if isinstance(outliers, int) else 0.0 <= outliers < 1.0)
+        ):
+            raise ValueError(
+                f"rule {self.match!r}: option outliers must be a count of input channels (an integer >= 0) or "
+                f"a fraction of K in [0, 1), got {outliers!r}"
+            )
+        if "outlier_format" in self.options:
+            outlier_formats(self.options["outlier_format"], f"rule {self.match!r}")
 
     def matches(self, path: str, op: str) -> bool:
         return op == self.op and fnmatch.fnmatchcase(path, self.match)
@@ -248,7 +263,7 @@ def model_layers(model: Any) -> list[tuple[str, str]]:
     if hasattr(graph, "nodes"):
         from .passes.quantize import layer_path
 
-        kinds = {"linear": "linear", "embedding": "embedding", "attention": "attention"}
+        kinds = {"linear": "linear", "qlinear": "linear", "embedding": "embedding", "attention": "attention"}
         return [
             (layer_path(n, n.inputs[1].node if n.op == "linear" else None), kinds[n.op])
             for n in graph.nodes if n.op in kinds

@@ -24,9 +24,14 @@ Ops, by inputs and attributes:
     cast(x)                                    {dtype}
     reshape(x) {shape}; transpose(x) {dim0, dim1}; permute(x) {dims}; unsqueeze(x) {axis}
     expand(x) {shape}; slice(x) {axis, start, end, step}; cat(x...) {axis}
+    gather(x, index[n]) {axis}                 x.index_select(axis, index): channels picked (reordered)
     quantize(x) {format} -> (codes, scale[, zero][, global])   dynamic: scales computed at run time
-    dequantize(codes, scale[, zero][, global]) {format, dtype}  the format's reference numerics
+    dequantize(codes, scale[, zero][, global]) {format, dtype}  the format's reference numerics;
+                                               codes may be packed (a layout along their last axis)
     torch(x...)                                {target, args, kwargs} a PyTorch op, run as is
+    fused(x...) {kind, body} -> (y...)         a kernel group (the fuse pass): `body` is a region,
+                                               a `Graph` whose arguments take the operands and whose
+                                               outputs are the results; it holds no `const`
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import sympy
 
 from .dtypes import F32, DType
 from .formats import FloatFormat, IntFormat, NumberFormat
+from .graph import Graph
+from .packing import check_layout
 from .types import Dim, TensorType, dims_equal
 
 #: An `end` at or above this means "to the end of the axis" (torch writes 2**63 - 1).
@@ -99,6 +106,26 @@ def _linear(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     if len(ins) == 3:
         _need(ins[2].rank == 1 and dims_equal(ins[2].shape[0], w.shape[0]), f"bias must be [{w.shape[0]}], got {ins[2]}")
     return [x.with_shape((*x.shape[:-1], w.shape[0]))]
+
+
+def _qlinear(ins: list[TensorType], attrs: dict) -> list[TensorType]:
+    """`qlinear(activation parts.., weight parts.. [, bias])`: a linear on quantized operands,
+    scales applied in the epilogue (the parts of each format in `quant_parts` order)."""
+    act, weight = attrs["act"], attrs["weight"]
+    na, nw = len(quant_parts(act)), len(quant_parts(weight))
+    _need(len(ins) in (na + nw, na + nw + 1), f"qlinear of {act} x {weight} takes {na} + {nw} operands (+ bias), got {len(ins)}")
+    x, w = ins[0], ins[na]
+    _need(x.dtype == act, f"activation codes must have type {act}, got {x}")
+    _need(w.dtype == weight, f"weight codes must have type {weight}, got {w}")
+    _need(w.rank == 2 and x.rank >= 1 and dims_equal(x.shape[-1], w.shape[1]), f"activation [.., K] and weight [N, K] disagree: {x}, {w}")
+    for fmt, parts, t in ((act, ins[:na], x), (weight, ins[na : na + nw], w)):
+        for part, got, want in zip(quant_parts(fmt), parts, _quant_types(fmt, t.shape)):
+            _need(got.rank == want.rank and all(dims_equal(a, b) for a, b in zip(got.shape, want.shape)), f"{part} of {fmt} must be {want}, got {got}")
+    if len(ins) == na + nw + 1:
+        _need(ins[-1].rank == 1 and dims_equal(ins[-1].shape[0], w.shape[0]), f"bias must be [{w.shape[0]}], got {ins[-1]}")
+    grouped = [f.scaling.size for f in (act, weight) if f.scaling.kind in ("group", "block")]
+    _need(len(set(grouped)) <= 1, f"activation and weight blocks must align: {act} x {weight}")
+    return [TensorType((*x.shape[:-1], w.shape[0]), attrs["dtype"])]
 
 
 def _matmul(ins: list[TensorType], attrs: dict) -> list[TensorType]:
@@ -213,6 +240,16 @@ def _cat(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     return [first.with_shape(tuple(shape))]
 
 
+def _gather(ins: list[TensorType], attrs: dict) -> list[TensorType]:
+    x, index = ins
+    axis = _axis(attrs["axis"], x.rank)
+    _need(index.rank == 1 and isinstance(index.dtype, DType) and index.dtype.kind == "int",
+          f"gather's index must be a rank-1 integer tensor, got {index}")
+    shape = list(x.shape)
+    shape[axis] = index.shape[0]
+    return [x.with_shape(tuple(shape))]
+
+
 def quant_parts(fmt: NumberFormat) -> tuple[str, ...]:
     """The tensors a quantized value is made of, in operand/result order: codes, the block
     scales, the zero points of asymmetric integers, the global scale of two-level formats."""
@@ -255,11 +292,28 @@ def _quantize(ins: list[TensorType], attrs: dict) -> list[TensorType]:
 def _dequantize(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     fmt, codes = attrs["format"], ins[0]
     _need(codes.dtype == fmt, f"codes must have type {fmt}, got {codes}")
+    if codes.layout is not None:  # packed codes (the layout pass): int32 words along the reduction axis
+        lay = codes.layout
+        _need(lay.bits == fmt.bits, f"packed codes of {fmt} must have layout bits={fmt.bits}, got {codes}")
+        _need(codes.rank >= 1 and lay.axis % codes.rank == codes.rank - 1,
+              f"packed codes must be packed along their last (reduction) axis {codes.rank - 1}, got {codes}")
+        _need((problem := check_layout(lay, codes.shape)) is None, str(problem))
     want = _quant_types(fmt, codes.shape)
     _need(len(ins) == len(want), f"{fmt} is dequantized from {', '.join(quant_parts(fmt))}: {len(want)} operands, got {len(ins)}")
     for part, t, w in zip(quant_parts(fmt), ins, want):
         _need(t.rank == w.rank and all(dims_equal(a, b) for a, b in zip(t.shape, w.shape)), f"{part} must be {w}, got {t}")
     return [TensorType(codes.shape, attrs["dtype"])]
+
+
+def _fused(ins: list[TensorType], attrs: dict) -> list[TensorType]:
+    body = attrs["body"]
+    _need(len(ins) == len(body.inputs), f"the region takes {len(body.inputs)} arguments, got {len(ins)} operands")
+    for i, (t, arg) in enumerate(zip(ins, body.inputs)):
+        a = arg.types[0]
+        same = t.dtype == a.dtype and t.layout == a.layout and t.rank == a.rank
+        same = same and all(dims_equal(x, y) for x, y in zip(t.shape, a.shape))
+        _need(same, f"operand {i} is {t}, region argument {i} is {a}")
+    return [v.type for v in body.outputs]
 
 
 def _softmax(ins: list[TensorType], attrs: dict) -> list[TensorType]:
@@ -279,6 +333,11 @@ OPS: dict[str, OpDef] = {
         OpDef("const", 0, 0, {"name": ((str,), True)}),
         OpDef("linear", 2, 3, infer=_linear),
         OpDef("matmul", 2, 2, infer=_matmul),
+        OpDef(
+            "qlinear", 4, 9,
+            {"act": ((IntFormat, FloatFormat), True), "weight": ((IntFormat, FloatFormat), True), "dtype": ((DType,), True)},
+            _qlinear,
+        ),
         OpDef("embedding", 2, 2, infer=_embedding),
         OpDef("rms_norm", 1, 2, {"eps": (_NUM, True)}, _norm),
         OpDef("layer_norm", 1, 3, {"eps": (_NUM, True)}, _norm),
@@ -299,8 +358,10 @@ OPS: dict[str, OpDef] = {
         OpDef("expand", 1, 1, {"shape": (_DIMS, True)}, _expand),
         OpDef("slice", 1, 1, {k: (_DIM, True) for k in ("axis", "start", "end", "step")}, _slice),
         OpDef("cat", 1, None, {"axis": (_INT, True)}, _cat),
+        OpDef("gather", 2, 2, {"axis": (_INT, True)}, _gather),
         OpDef("quantize", 1, 4, {"format": ((IntFormat, FloatFormat), True)}, _quantize, outputs=None),
         OpDef("dequantize", 2, 4, {"format": ((IntFormat, FloatFormat), True), "dtype": ((DType,), True)}, _dequantize),
+        OpDef("fused", 0, None, {"kind": ((str,), True), "body": ((Graph,), True)}, _fused, outputs=None),
         OpDef(
             "torch",
             0,
@@ -312,4 +373,4 @@ OPS: dict[str, OpDef] = {
 }
 
 #: Ops that compute nothing but rearrange or view their input.
-SHAPE_OPS = frozenset({"reshape", "transpose", "permute", "unsqueeze", "expand", "slice", "cat"})
+SHAPE_OPS = frozenset({"reshape", "transpose", "permute", "unsqueeze", "expand", "slice", "cat", "gather"})

@@ -21,7 +21,11 @@ from typing import Any, Callable
 from ..ir import Graph, VerificationError, flags, verify as verify_graph
 from .calibrate import calibrate
 from .canonicalize import canonicalize
+from .fold import fold
+from .fuse import fuse
+from .layout import layout
 from .quantize import quantize
+from .reorder import reorder
 from .smooth import smooth
 
 Pass = Callable[..., Graph]
@@ -32,6 +36,10 @@ PASSES: dict[str, Pass] = {
     "calibrate": calibrate,
     "quantize": quantize,
     "smooth": smooth,
+    "reorder": reorder,
+    "fold": fold,
+    "layout": layout,
+    "fuse": fuse,
 }
 
 

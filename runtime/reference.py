@@ -5,6 +5,8 @@
 
 Each op has one rule in `IMPLS` written with the same torch ops, in the same order, as the
 model code the frontend captured, so an unquantized graph reproduces eager PyTorch exactly.
+A `fused` node (the fuse pass) runs the nodes of its region in order, so it gives exactly
+what the nodes it groups give.
 With `check_shapes=True` (the `MXC_DEBUG` flag) every result is compared with the type its
 node declares, which catches a graph whose shape assumptions do not hold for this call.
 """
@@ -20,7 +22,8 @@ import torch.nn.functional as F
 from ..ir import DType, Graph, Node, Ref, RuntimeDevice, TorchConst, flags
 from ..ir.formats import QTensor
 from ..ir.ops import quant_parts
-from ..ir.printer import print_node, value_names
+from ..ir.packing import from_codes, unpack
+from ..ir.printer import print_node, region_of, value_names
 from .inputs import bind_inputs
 
 Impl = Callable[[list[torch.Tensor], dict[str, Any], "Frame"], Any]
@@ -28,11 +31,13 @@ Observer = Callable[[Node, list[torch.Tensor]], "list[torch.Tensor] | None"]
 
 
 class Frame:
-    """What an op rule may need beyond its operands: bound sizes and the device."""
+    """What an op rule may need beyond its operands: bound sizes, the device, and the node
+    being run (its operand types: `dequantize` of packed codes reads their layout and K)."""
 
     def __init__(self, sizes: dict[sympy.Symbol, int], device: torch.device):
         self.sizes = sizes
         self.device = device
+        self.node: Node | None = None
 
     def size(self, d: Any) -> int:
         if isinstance(d, sympy.Expr):
@@ -107,8 +112,54 @@ def _quantize(ins: list[torch.Tensor], a: dict, fr: Frame) -> tuple[torch.Tensor
 def _dequantize(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
     fmt = a["format"]
     parts = dict(zip(quant_parts(fmt), ins))
-    q = QTensor(parts["codes"].float(), parts["scale"].float(), parts.get("zero"), parts.get("global"))
+    codes = parts["codes"]
+    packed = fr.node.inputs[0].type if fr.node is not None else None
+    if packed is not None and packed.layout is not None:  # int32 words (the layout pass): unpack
+        k = fr.size(packed.shape[packed.layout.axis])
+        codes = from_codes(unpack(codes, packed.layout, k), fmt)
+    q = QTensor(codes.float(), parts["scale"].float(), parts.get("zero"), parts.get("global"))
     return fmt.dequantize(q).to(a["dtype"].torch)
+
+
+def _qlinear(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
+    """The integer (or low-bit float) GEMM with scales in the epilogue, as a kernel computes
+    it: per block g shared by both operands, `acc_g = Σ_k xq·wq` exactly (float64 holds every
+    product sum of 8-bit codes), minus `z_g · Σ_k xq` for a weight zero point; then
+    `out = Σ_g acc_g · s_w,g (· s_x,g)`, times the per-token (or per-tensor) activation scale
+    and the global scales; + bias. The last block may be shorter than the others."""
+    act, wf = a["act"], a["weight"]
+    na, nw = len(quant_parts(act)), len(quant_parts(wf))
+    xp, wp = dict(zip(quant_parts(act), ins[:na])), dict(zip(quant_parts(wf), ins[na : na + nw]))
+    bias = ins[na + nw] if len(ins) > na + nw else None
+    xq, wq = xp["codes"].double(), wp["codes"].double()
+    k = xq.shape[-1]
+    bx, bw = act.scaling.block(k), wf.scaling.block(k)
+    grouped_x = bx is not None and bx < k
+    block = bx if grouped_x else (bw if bw is not None else k)
+    nb = -(-k // block)
+    pad = nb * block - k
+    xb = F.pad(xq, (0, pad)).reshape(*xq.shape[:-1], nb, block)
+    wb = F.pad(wq, (0, pad)).reshape(wq.shape[0], nb, block)
+    acc = torch.einsum("...gb,ngb->...gn", xb, wb)  # [..., nb, N]
+    ws = wp["scale"].double()
+    wz = None if wp.get("zero") is None else wp["zero"].double()
+    if ws.shape[-1] != nb:  # one weight scale per row or per tensor, several blocks
+        ws = ws.expand(wq.shape[0], 1).expand(wq.shape[0], nb)
+        wz = None if wz is None else wz.expand(wq.shape[0], 1).expand(wq.shape[0], nb)
+    if wz is not None:
+        acc = acc - xb.sum(-1)[..., None] * wz.T
+    acc = acc * ws.T
+    if "global" in wp:
+        acc = acc * wp["global"].double()
+    sx = xp["scale"].double()
+    if grouped_x:
+        out = (acc * sx[..., None]).sum(-2)
+    else:  # per token [..., 1], or per tensor [1, 1]
+        out = acc.sum(-2) * (sx if bx is not None else sx.reshape(()))
+    if "global" in xp:
+        out = out * xp["global"].double()
+    out = out.to(a["dtype"].torch)
+    return out + bias if bias is not None else out
 
 
 def _torch(ins: list[torch.Tensor], a: dict, fr: Frame) -> Any:
@@ -131,6 +182,7 @@ def _resolve_target(name: str) -> Any:
 IMPLS: dict[str, Impl] = {
     "linear": lambda ins, a, fr: F.linear(*ins),
     "matmul": lambda ins, a, fr: torch.matmul(*ins),
+    "qlinear": _qlinear,
     "embedding": lambda ins, a, fr: F.embedding(ins[0], ins[1]),
     "rms_norm": _rms_norm,
     "layer_norm": _layer_norm,
@@ -153,6 +205,7 @@ IMPLS: dict[str, Impl] = {
         ins[0], a["axis"], fr.size(a["start"]), fr.size(a["end"]), fr.size(a["step"])
     ),
     "cat": lambda ins, a, fr: torch.cat(ins, a["axis"]),
+    "gather": lambda ins, a, fr: torch.index_select(ins[0], a["axis"], ins[1]),
     "quantize": _quantize,
     "dequantize": _dequantize,
     "torch": _torch,
@@ -175,9 +228,7 @@ class ReferenceExecutor:
         self.weights = {k: v.to(self.device) for k, v in weights.items()}
         self.check_shapes = flags.DEBUG.get() if check_shapes is None else check_shapes
         self._last_use = self._last_uses()
-        for node in graph.nodes:
-            if node.op not in IMPLS and node.op not in ("const",):
-                raise ExecutionError(f"the reference backend has no rule for op {node.op!r} (node {node!r})")
+        _check_rules(graph.nodes)
 
     def _last_uses(self) -> dict[int, list[Node]]:
         """For each body position, the nodes whose results are dead after it (frees memory)."""
@@ -207,7 +258,10 @@ class ReferenceExecutor:
     def _run(self, node: Node, operands: list[torch.Tensor], frame: Frame) -> tuple[torch.Tensor, ...]:
         if node.op == "const":
             return (self.weights[node.get("name")],)
+        if node.op == "fused":
+            return self._run_region(node, operands, frame)
         try:
+            frame.node = node
             got = IMPLS[node.op](operands, node.attr, frame)
         except Exception as e:  # noqa: BLE001 - re-raised with the node named
             raise ExecutionError(f"{self._where(node)}\n  failed: {type(e).__name__}: {e}") from e
@@ -226,9 +280,46 @@ class ReferenceExecutor:
                     f"= {want} with {bound}"
                 )
 
+    def _run_region(self, node: Node, operands: list[torch.Tensor], frame: Frame) -> tuple[torch.Tensor, ...]:
+        """A `fused` node: its region's nodes, in order, on its operands (so it computes what
+        the nodes it groups compute, op for op); its results are the region's yields."""
+        body = region_of(node)
+        env: dict[Node, tuple[torch.Tensor, ...]] = {arg: (t,) for arg, t in zip(body.inputs, operands)}
+        for inner in body.nodes:
+            env[inner] = self._run(inner, [env[v.node][v.index] for v in inner.inputs], frame)
+        results = tuple(env[v.node][v.index] for v in body.outputs)
+        if self.check_shapes:
+            self._check(node, results, frame)
+        return results
+
     def _where(self, node: Node) -> str:
-        names = value_names(self.graph)
-        return f"graph @{self.graph.name}: node {print_node(node, names)}"
+        return f"graph @{self.graph.name}: node {_describe(self.graph, node) or repr(node)}"
+
+
+def _check_rules(nodes: Sequence[Node], region: bool = False) -> None:
+    """Refuse, before running, a graph with an op the backend cannot run (also in regions)."""
+    for node in nodes:
+        if node.op == "fused":
+            body = region_of(node)
+            if body is None:
+                raise ExecutionError(f"the reference backend has no rule for op 'fused' without a region (node {node!r})")
+            _check_rules(body.nodes, region=True)
+        elif node.op == "const" and region:
+            raise ExecutionError(f"a region holds no const: weights are operands of the fused node (node {node!r})")
+        elif node.op not in IMPLS and node.op != "const":
+            raise ExecutionError(f"the reference backend has no rule for op {node.op!r} (node {node!r})")
+
+
+def _describe(graph: Graph, node: Node) -> str | None:
+    """`node`'s printed line, found in `graph` or in a region of it (which the text then names)."""
+    names = value_names(graph)
+    if node in names:
+        return print_node(node, names)
+    for outer in graph.nodes:
+        body = region_of(outer)
+        if body is not None and (inner := _describe(body, node)) is not None:
+            return f"{inner}, in the region of {print_node(outer, names)}"
+    return None
 
 
 class Run:

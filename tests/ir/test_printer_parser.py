@@ -405,9 +405,17 @@ BUILDER_OPS = {
 }
 
 
+#: Ops the random-graph builders leave out, and where their printing and parsing is tested.
+NOT_BUILT = {
+    "fused": "regions: tests/passes/test_fuse.py round-trips fused graphs",
+    "qlinear": "tests/passes/test_fold.py round-trips folded graphs",
+    "gather": "tests/passes/test_reorder.py round-trips reordered graphs",
+}
+
+
 def test_builders_cover_the_op_set():
     assert set(BUILDER_OPS) == set(OP_BUILDERS)
-    assert set().union(*BUILDER_OPS.values()) | {"input", "const"} == set(OPS)
+    assert set().union(*BUILDER_OPS.values()) | {"input", "const"} | set(NOT_BUILT) == set(OPS)
 
 
 @settings(max_examples=60, deadline=None)

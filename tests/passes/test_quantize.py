@@ -117,11 +117,19 @@ def test_compiled_graph_has_the_plans_formats(compiled, name):
     verify(g)
     text = c.ir
     assert str(verify(parse(text))) == text
-    linears = [n for n in g.nodes if n.op == "linear"]
+    linears = [n for n in g.nodes if n.op in ("linear", "qlinear")]
     assert len(linears) == 15  # 2 layers of 7, and lm_head
     for node in linears:
         path = node.loc
         rule = plan.rule_for(path, "linear")
+        if node.op == "qlinear":  # fold put both operands' scales in the epilogue
+            assert (node.get("act"), node.get("weight")) == (rule.act, rule.weight), path
+            nx = len(quant_parts(rule.act))
+            assert producer(node.inputs[0]).op == "quantize" and producer(node.inputs[0]).get("format") == rule.act
+            assert all(producer(v).op == "const" for v in node.inputs[nx:])
+            assert producer(node.inputs[nx]).get("name") == f"{path}.weight"
+            assert torch.isin(g.weights[f"{path}.weight"].float(), rule.weight.grid()).all()
+            continue
         w, x = producer(node.inputs[1]), producer(node.inputs[0])
         if rule.weight is None:
             assert w.op == "const" and w.types[0].dtype == mxc.ir.F32
@@ -214,7 +222,7 @@ def test_report_rows(compiled, name):
     g = c.graph
     assert rep.plan == plan.name
     rows = {p: r for p, r in rep.layers.items() if "format" in r}
-    paths = [n.loc for n in g.nodes if n.op == "linear" and plan.rule_for(n.loc).weight is not None]
+    paths = [n.loc for n in g.nodes if n.op in ("linear", "qlinear") and plan.rule_for(n.loc).weight is not None]
     assert sorted(rows) == sorted(paths)
     numel = 0
     bits = 0.0

@@ -102,6 +102,9 @@ def test_every_op_of_the_reference_backend_is_covered():
         "tanh", "gelu", "softmax", "attention", "rope", "cast", "reshape", "transpose", "permute",
         "unsqueeze", "expand", "slice", "cat", "torch", "quantize", "dequantize",
     }
+    # tested with the pass that makes them: qlinear in tests/passes/test_fold.py (against the
+    # dequantized product in float64), gather in tests/passes/test_reorder.py
+    tested |= {"qlinear", "gather"}
     assert set(IMPLS) == tested
 
 
@@ -811,7 +814,8 @@ def test_failing_torch_node_is_named():
 
 
 def test_op_without_a_rule_is_refused_up_front():
-    # `fused` (a group formed by the fusion pass) runs through its kernels, never node by node
+    # `fused` has no rule of its own: the reference backend runs a fused node's body, and a
+    # fused node without one is refused
     assert "fused" not in IMPLS
     x = Node.create("input", (), {"name": "x", "index": 0}, [TensorType((B, 4), F32)])
     q = Node.create("fused", [x.out], {}, [TensorType((B, 4), F32)])
