@@ -10,7 +10,6 @@ instead of comparing, and review the diff. `near_miss_*` cases must come back un
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 import pytest
@@ -18,25 +17,12 @@ import sympy
 import torch
 
 from mxc.ir import DType, Graph, parse, verify
-from mxc.ir.flags import UPDATE_GOLDEN
 from mxc.passes.canonicalize import canonicalize
 from mxc.runtime import ReferenceExecutor
+from golden_files import check_golden
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "canonicalize"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
-
-
-def check_golden(path: Path, text: str) -> None:
-    """`text` must equal the file at `path`; with MXC_UPDATE_GOLDEN=1 the file is written instead."""
-    if UPDATE_GOLDEN.get():
-        path.write_text(text)
-        return
-    if not path.exists():
-        pytest.fail(f"golden file {path} is missing; write it with MXC_UPDATE_GOLDEN=1 and review it")
-    want = path.read_text()
-    if text != want:
-        diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), str(path), "got"))
-        pytest.fail(f"IR differs from golden {path.name} (MXC_UPDATE_GOLDEN=1 rewrites it):\n{diff}")
 
 
 def random_tensor(shape, dtype: DType) -> torch.Tensor:

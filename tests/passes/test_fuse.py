@@ -14,7 +14,6 @@ of comparing, and review the diff. `near_miss_*` cases must come back as the sam
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from pathlib import Path
 
@@ -24,30 +23,17 @@ import torch
 
 import mxc
 from mxc.ir import Graph, Node, ParseError, VerificationError, parse, verify
-from mxc.ir.flags import UPDATE_GOLDEN
 from mxc.ir.ops import quant_parts
 from mxc.passes import PASSES, run_pipeline
 from mxc.passes.fuse import KINDS, fuse
 from mxc.passes.quantize import quantize_weight
 from mxc.runtime import ReferenceExecutor
 from mxc.runtime.reference import ExecutionError
+from golden_files import check_golden
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "fuse"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
 SIZES = [{"b": 1, "s": 1}, {"b": 3, "s": 7}, {"b": 2, "s": 13}]
-
-
-def check_golden(path: Path, text: str) -> None:
-    """`text` must equal the file at `path`; with MXC_UPDATE_GOLDEN=1 the file is written instead."""
-    if UPDATE_GOLDEN.get():
-        path.write_text(text)
-        return
-    if not path.exists():
-        pytest.fail(f"golden file {path} is missing; write it with MXC_UPDATE_GOLDEN=1 and review it")
-    want = path.read_text()
-    if text != want:
-        diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), str(path), "got"))
-        pytest.fail(f"IR differs from golden {path.name} (MXC_UPDATE_GOLDEN=1 rewrites it):\n{diff}")
 
 
 def with_random_weights(graph: Graph, seed: int = 0) -> Graph:

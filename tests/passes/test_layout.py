@@ -13,7 +13,6 @@ cases must come back as the same graph object.
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import torch
 
 from mxc.compiled import CompiledModel
 from mxc.ir import Graph, Layout, VerificationError, parse, verify
-from mxc.ir.flags import UPDATE_GOLDEN
 from mxc.ir.ops import quant_parts
 from mxc.ir.packing import pack, packed_words, to_codes, unpack
 from mxc.passes import PASSES, run_pipeline
@@ -32,23 +30,11 @@ from mxc.passes.layout import choose_layout, kernel_family, layout
 from mxc.passes.quantize import storage
 from mxc.plan import Plan, Rule
 from mxc.runtime import ExecutionError, ReferenceExecutor
+from golden_files import check_golden
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "layout"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
 SIZES = [{"b": 1, "s": 1}, {"b": 2, "s": 7}, {"b": 3, "s": 5}]
-
-
-def check_golden(path: Path, text: str) -> None:
-    """`text` must equal the file at `path`; with MXC_UPDATE_GOLDEN=1 the file is written instead."""
-    if UPDATE_GOLDEN.get():
-        path.write_text(text)
-        return
-    if not path.exists():
-        pytest.fail(f"golden file {path} is missing; write it with MXC_UPDATE_GOLDEN=1 and review it")
-    want = path.read_text()
-    if text != want:
-        diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), str(path), "got"))
-        pytest.fail(f"IR differs from golden {path.name} (MXC_UPDATE_GOLDEN=1 rewrites it):\n{diff}")
 
 
 def quantized_weights(graph: Graph) -> Graph:

@@ -15,7 +15,6 @@ weights and abs-maxima, reordered with `OUTLIERS[X]` and printed; the text must 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import warnings
 import zlib
@@ -28,13 +27,13 @@ import torch
 import mxc
 from mxc.driver import QUANT_PIPELINE
 from mxc.ir import Graph, parse, parse_format, verify
-from mxc.ir.flags import UPDATE_GOLDEN
 from mxc.passes.calibrate import calibrate
 from mxc.passes.canonicalize import canonicalize
 from mxc.passes.manager import PASSES, run_pipeline
 from mxc.passes.quantize import format_bytes, layer_path, quantize
 from mxc.passes.reorder import outlier_count, reorder
 from mxc.runtime import ReferenceExecutor
+from golden_files import check_golden
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "reorder"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
@@ -48,19 +47,6 @@ OUTLIERS = {
     "weightless_norm": {"head": 2},
     "fallbacks": {"fc": 2, "proj": 2, "head": 2, "lm_head": 2, "out": 1},
 }
-
-
-def check_golden(path: Path, text: str) -> None:
-    """`text` must equal the file at `path`; with MXC_UPDATE_GOLDEN=1 the file is written instead."""
-    if UPDATE_GOLDEN.get():
-        path.write_text(text)
-        return
-    if not path.exists():
-        pytest.fail(f"golden file {path} is missing; write it with MXC_UPDATE_GOLDEN=1 and review it")
-    want = path.read_text()
-    if text != want:
-        diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), str(path), "got"))
-        pytest.fail(f"IR differs from golden {path.name} (MXC_UPDATE_GOLDEN=1 rewrites it):\n{diff}")
 
 
 def fresh(graph: Graph, weights=None) -> Graph:

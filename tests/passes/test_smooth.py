@@ -16,7 +16,6 @@ test needs the measurement repeated on the smoothed graph.
 
 from __future__ import annotations
 
-import difflib
 import zlib
 from pathlib import Path
 
@@ -25,28 +24,15 @@ import sympy
 import torch
 
 from mxc.ir import Graph, parse, verify
-from mxc.ir.flags import UPDATE_GOLDEN
 from mxc.passes.canonicalize import canonicalize
 from mxc.passes.manager import PASSES, run_pipeline
 from mxc.passes.quantize import layer_path
 from mxc.passes.smooth import smooth
 from mxc.runtime import ReferenceExecutor
+from golden_files import check_golden
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "smooth"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
-
-
-def check_golden(path: Path, text: str) -> None:
-    """`text` must equal the file at `path`; with MXC_UPDATE_GOLDEN=1 the file is written instead."""
-    if UPDATE_GOLDEN.get():
-        path.write_text(text)
-        return
-    if not path.exists():
-        pytest.fail(f"golden file {path} is missing; write it with MXC_UPDATE_GOLDEN=1 and review it")
-    want = path.read_text()
-    if text != want:
-        diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), str(path), "got"))
-        pytest.fail(f"IR differs from golden {path.name} (MXC_UPDATE_GOLDEN=1 rewrites it):\n{diff}")
 
 
 def fresh(graph: Graph, weights=None) -> Graph:

@@ -1,0 +1,26 @@
+"""Golden IR files shared by the pass tests: `check_golden(path, text)`.
+
+`text` must equal the file at `path`; with MXC_UPDATE_GOLDEN=1 the file is written instead
+(a deliberate refresh, to be reviewed like code)."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+import pytest
+
+from mxc.ir.flags import UPDATE_GOLDEN
+
+
+def check_golden(path: Path, text: str) -> None:
+    """`text` must equal the file at `path`; with MXC_UPDATE_GOLDEN=1 the file is written instead."""
+    if UPDATE_GOLDEN.get():
+        path.write_text(text)
+        return
+    if not path.exists():
+        pytest.fail(f"golden file {path} is missing; write it with MXC_UPDATE_GOLDEN=1 and review it")
+    want = path.read_text()
+    if text != want:
+        diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), str(path), "got"))
+        pytest.fail(f"IR differs from golden {path.name} (MXC_UPDATE_GOLDEN=1 rewrites it):\n{diff}")
