@@ -34,6 +34,7 @@ from mxc.passes.quantize import format_bytes, layer_path, quantize
 from mxc.passes.reorder import outlier_count, reorder
 from mxc.runtime import ReferenceExecutor
 from golden_files import check_golden
+from graph_helpers import fresh, input_amax, linears
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "reorder"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
@@ -47,27 +48,6 @@ OUTLIERS = {
     "weightless_norm": {"head": 2},
     "fallbacks": {"fc": 2, "proj": 2, "head": 2, "lm_head": 2, "out": 1},
 }
-
-
-def fresh(graph: Graph, weights=None) -> Graph:
-    """`graph` with its own (empty) side table and `weights` (default: a copy of its own)."""
-    return Graph(graph.name, graph.inputs, graph.nodes, graph.outputs, graph.dims, dict(weights or graph.weights))
-
-
-def linears(graph: Graph):
-    return [n for n in graph.nodes if n.op == "linear" and n.inputs[1].node.op == "const"]
-
-
-def input_amax(graph: Graph, batches) -> dict[str, torch.Tensor]:
-    """Per-channel abs-max of every const-weight linear's input over `batches`, by path."""
-    values = list(dict.fromkeys(n.inputs[0] for n in linears(graph)))
-    run = ReferenceExecutor(graph.replace(outputs=values), check_shapes=True)
-    amax: dict = {}
-    for batch in batches:
-        for v, t in zip(values, run(list(batch))):
-            m = t.reshape(-1, t.shape[-1]).abs().amax(0)
-            amax[v] = m if v not in amax else torch.maximum(amax[v], m)
-    return {layer_path(n, n.inputs[1].node): amax[n.inputs[0]] for n in linears(graph)}
 
 
 def perm_ref(amax: torch.Tensor, k: int) -> torch.Tensor:
