@@ -32,6 +32,10 @@ class Report:
     float_bytes: int = 0
     plan: str | None = None
     smoothed: dict[str, dict] = field(default_factory=dict)
+    #: Every pass of the pipeline in order: True if it ran, False if the plan switched it off.
+    pipeline: dict[str, bool] = field(default_factory=dict)
+    #: What each pass did to each layer: {path: {pass: what}} (see `pass_effects`).
+    effects: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def avg_bits(self) -> float | None:
@@ -75,9 +79,54 @@ class Report:
         lines.append(f"  torch fallbacks (not lowered to the op set): {total}")
         for op, n in sorted(self.fallbacks.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"    {op:<28} {n:>6}")
-        if self.timings:
-            lines.append("  passes: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.timings.items()))
+        if self.timings or self.pipeline:
+            ran = [f"{k} {self.timings[k] * 1e3:.1f} ms" if k in self.timings else f"{k} off (plan)"
+                   for k in (self.pipeline or self.timings)]
+            lines.append("  passes: " + ", ".join(ran))
+        if self.effects:
+            columns = [p for p in EFFECT_PASSES if any(p in e for e in self.effects.values())]
+            lines.append("  what each pass did, per layer:")
+            lines.append(f"  {'layer':<40} " + " ".join(f"{p:<{EFFECT_WIDTH[p]}}" for p in columns).rstrip())
+            for path, e in self.effects.items():
+                lines.append(f"  {path:<40} " + " ".join(f"{e.get(p, '-'):<{EFFECT_WIDTH[p]}}" for p in columns).rstrip())
         return "\n".join(lines)
+
+
+#: The passes whose per-layer effects the report's second table shows (quantize's are the
+#: first table: formats, bits, errors), in pipeline order, and their column widths.
+EFFECT_PASSES = ("smooth", "reorder", "fold", "layout", "fuse")
+EFFECT_WIDTH = {"smooth": 10, "reorder": 20, "fold": 8, "layout": 16, "fuse": 14}
+
+
+def pass_effects(graph: Graph, layers: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """{layer path: {pass: what it did}} from the records the passes leave in `graph.meta`
+    ("smoothed", "reordered", "folded", "layout"; `layers` is "quantized") and from the fused groups of
+    the graph (the kind of group each layer's GEMM joined)."""
+    meta = graph.meta
+    out: dict[str, dict[str, str]] = {}
+
+    def put(path: str, name: str, what: str) -> None:
+        out.setdefault(path, {})[name] = what
+
+    for path, r in meta.get("smoothed", {}).items():
+        put(path, "smooth", f"alpha {r['alpha']}" if "alpha" in r else "skipped")
+    for path, r in meta.get("reordered", {}).items():
+        put(path, "reorder", "skipped" if "skipped" in r else f"{r['outliers']} outliers ({r.get('via', '?')})")
+    for path, why in meta.get("folded", {}).items():
+        put(path, "fold", "qlinear" if why == "qlinear" else "kept")
+    packed = meta.get("layout", {})
+    for path, r in layers.items():
+        lays = [parse_layout(packed[c]["layout"]) for part in r.get("parts") or [r] for c in (part.get("weights") or [])[:1]
+                if c in packed]
+        if lays:  # "packed 4b + 8b" (i32 words along K; an interleave or tile order is spelled out)
+            put(path, "layout", "packed " + " + ".join(
+                f"{x.bits}b" if not (x.order or x.tile) else str(x) for x in lays))
+    for node in graph.nodes:
+        if node.op == "fused":
+            for inner in node.get("body").nodes:
+                if inner.op in ("linear", "qlinear") and inner.loc:
+                    put(inner.loc, "fuse", node.get("kind"))
+    return out
 
 
 def _with_packed_bytes(layers: dict[str, dict], packed: dict[str, dict]) -> dict[str, dict]:
@@ -86,16 +135,20 @@ def _with_packed_bytes(layers: dict[str, dict], packed: dict[str, dict]) -> dict
     int32 words (`graph.meta["layout"]`), which is more when a row's bits do not fill its
     last word. Scales and zero points keep their nominal bytes. A layer in two parts (outlier
     channels at another precision: `r["parts"]`) has each part's codes counted so."""
+    def extra(part: dict) -> int:
+        codes = (part.get("weights") or [None])[0]
+        if codes not in packed or "bytes" not in part or "shape" not in part:
+            return 0
+        return packed[codes]["bytes"] - -(-parse_layout(packed[codes]["layout"]).bits * _numel(part["shape"]) // 8)
+
     out = {}
     for path, r in layers.items():
-        delta = 0
-        for part in r.get("parts") or [r]:
-            codes = (part.get("weights") or [None])[0]
-            if codes in packed and "bytes" in part and "shape" in part:
-                dense = -(-parse_layout(packed[codes]["layout"]).bits * _numel(part["shape"]) // 8)
-                delta += packed[codes]["bytes"] - dense
-        if delta and "bytes" in r:
-            r = {**r, "bytes": r["bytes"] + delta}
+        if r.get("parts"):
+            parts = [{**p, "bytes": p["bytes"] + extra(p)} if extra(p) else p for p in r["parts"]]
+            delta = sum(extra(p) for p in r["parts"])
+            r = {**r, "parts": parts, "bytes": r["bytes"] + delta} if delta else r
+        elif extra(r):
+            r = {**r, "bytes": r["bytes"] + extra(r)}
         out[path] = r
     return out
 
@@ -118,17 +171,25 @@ class CompiledModel:
         backend: str,
         timings: dict[str, float] | None = None,
         plan: Any = None,
+        pipeline: dict[str, bool] | None = None,
     ):
         self.graph = graph
         self.call_spec = call_spec
         self.backend = backend
         self.timings = dict(timings or {})
         self.plan = plan
+        #: The pipeline's passes in order: True if it ran, False if the plan switched it off.
+        self.pipeline = dict(pipeline) if pipeline is not None else {k: True for k in self.timings}
         self._executor = executor
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self.call_spec.bind(args, kwargs)
         return self.call_spec.unflatten(self._executor(inputs))
+
+    @property
+    def executor(self) -> Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]:
+        """The backend's executor (`mxc.save` asks it for `kernel_sources()` and its device)."""
+        return self._executor
 
     @property
     def ir(self) -> str:
@@ -148,7 +209,7 @@ class CompiledModel:
         smoothed = dict(self.graph.meta.get("smoothed", {}))
         return Report(
             self.graph.name, self.backend, counts, fallbacks, plain + packed, self.timings, layers, plain + before, name,
-            smoothed,
+            smoothed, dict(self.pipeline), pass_effects(self.graph, layers),
         )
 
     def __repr__(self) -> str:

@@ -26,8 +26,9 @@ from .runtime import BACKENDS
 
 #: The passes run for a model with no plan, in order.
 FLOAT_PIPELINE = ["canonicalize"]
-#: The passes run for a plan, in order.
-QUANT_PIPELINE = ["canonicalize", "calibrate", "smooth", "reorder", "quantize", "fold"]
+#: The passes run for a plan, in order (DESIGN.md); a plan may switch some off
+#: (`Plan(passes={"reorder": False})`, see `mxc.plan.SWITCHABLE_PASSES`).
+QUANT_PIPELINE = ["canonicalize", "calibrate", "smooth", "reorder", "quantize", "fold", "layout", "fuse"]
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile
@@ -60,11 +61,14 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     debug = flags.DEBUG.get() if debug is None else debug
     captured = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
     if plan is None:
+        pipeline = {name: True for name in FLOAT_PIPELINE}
         result = run_pipeline(captured.graph, FLOAT_PIPELINE, verify=debug, dump_dir=dump_ir)
     else:
+        pipeline = {name: plan.runs(name) for name in QUANT_PIPELINE}
         plan = plan.resolved(calibrated=calibration is not None)
-        alphas = plan.smoothing(_linear_paths(captured.graph))
-        outliers = _outlier_counts(plan, captured.graph)
+        # a pass switched off asks for nothing (and no warning says it is missing)
+        alphas = plan.smoothing(_linear_paths(captured.graph)) if pipeline["smooth"] else {}
+        outliers = _outlier_counts(plan, captured.graph) if pipeline["reorder"] else {}
         if calibration is None:
             skipped = [what for what, on in [("weights are rounded to nearest (no GPTQ, no clipping search)",
                                               any(r.weight is not None for r in (*plan.rules, plan.default))),
@@ -86,9 +90,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
             "reorder": {"outliers": outliers},
             "quantize": {"plan": plan},
         }
-        result = run_pipeline(captured.graph, QUANT_PIPELINE, options=options, verify=debug, dump_dir=dump_ir)
+        names = [name for name in QUANT_PIPELINE if pipeline[name]]
+        result = run_pipeline(captured.graph, names, options=options, verify=debug, dump_dir=dump_ir)
     executor = BACKENDS[backend](result.graph, device=device, check_shapes=debug)
-    return CompiledModel(result.graph, captured.call_spec, executor, backend, result.timings, plan)
+    return CompiledModel(result.graph, captured.call_spec, executor, backend, result.timings, plan, pipeline)
 
 
 def calibration_inputs(calibration: Any, spec: CallSpec) -> list[list[torch.Tensor]]:

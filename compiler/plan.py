@@ -21,7 +21,8 @@ needs calibration data). A rule may override them per layer with `options`
 activation scales, `{"outliers": 32}` or `{"outliers": 0.05}` — a count or a fraction of K of
 input channels the reorder pass moves last and the quantize pass keeps at `outlier_format`,
 default `{"weight": "int8<sym,channel>", "act": "int8<sym,token>"}`, "float" for f32; needs
-calibration data).
+calibration data). `passes` switches passes of the pipeline off: `{"reorder": False}` (any of
+`SWITCHABLE_PASSES`; the report then says "reorder off (plan)").
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from .passes.quantize import outlier_formats
 
 OP_KINDS = ("linear", "embedding", "attention")
 METHODS = ("auto", "rtn", "gptq")
+#: The passes a plan may switch off (`passes={"reorder": False}`). canonicalize, calibrate and
+#: quantize are what a plan means and always run; smooth and reorder also need calibration data.
+SWITCHABLE_PASSES = ("smooth", "reorder", "fold", "layout", "fuse")
 
 
 def _fmt(value: Any, what: str) -> NumberFormat | None:
@@ -117,9 +121,19 @@ class Plan:
     clip_search: bool | None = None
     smooth: float | None = None
     name: str | None = None
+    passes: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
+        object.__setattr__(self, "passes", dict(self.passes or {}))
+        for key, on in self.passes.items():
+            if key not in SWITCHABLE_PASSES:
+                raise ValueError(
+                    f"plan passes: {key!r} cannot be switched; expected some of {', '.join(SWITCHABLE_PASSES)} "
+                    "(canonicalize, calibrate and quantize always run)"
+                )
+            if not isinstance(on, bool):
+                raise ValueError(f"plan passes: {key!r} must be true or false, got {on!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown quantization method {self.method!r}; expected one of {', '.join(METHODS)}")
         for where, a in [("plan smooth", self.smooth)] + [
@@ -139,6 +153,10 @@ class Plan:
             if rule.act is not None and alpha is not None:
                 out[p] = float(alpha)
         return out
+
+    def runs(self, name: str) -> bool:
+        """Whether the plan lets pass `name` run (every pass does unless switched off)."""
+        return self.passes.get(name, True)
 
     def resolved(self, calibrated: bool) -> "Plan":
         """This plan with `auto` choices made for whether calibration data is available."""
@@ -181,6 +199,7 @@ class Plan:
             "smooth": self.smooth,
             "default": self.default.to_dict(),
             "rules": [r.to_dict() for r in self.rules],
+            **({"passes": dict(self.passes)} if self.passes else {}),
         }
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -191,7 +210,7 @@ class Plan:
 
     @staticmethod
     def from_dict(data: dict) -> "Plan":
-        known = {"name", "method", "clip_search", "smooth", "default", "rules"}
+        known = {"name", "method", "clip_search", "smooth", "default", "rules", "passes"}
         extra = sorted(set(data) - known)
         if extra:
             raise ValueError(f"plan has unknown key(s) {extra}; expected {sorted(known)}")
@@ -202,6 +221,7 @@ class Plan:
             clip_search=data.get("clip_search"),
             smooth=data.get("smooth"),
             name=data.get("name"),
+            passes=data.get("passes") or {},
         )
 
     @staticmethod
@@ -243,7 +263,9 @@ class Plan:
             layers = model_layers(layers)
         clip = {None: "auto", True: "on", False: "off"}[self.clip_search]
         smooth = "off" if self.smooth is None else f"alpha {self.smooth}"
-        lines = [f"plan {self.name or '(custom)'}: method {self.method}, clip search {clip}, smoothing {smooth}"]
+        off = [k for k, on in self.passes.items() if not on]
+        lines = [f"plan {self.name or '(custom)'}: method {self.method}, clip search {clip}, smoothing {smooth}"
+                 + (f", passes off: {', '.join(off)}" if off else "")]
         if layers is None:
             for r in (*self.rules, replace(self.default, match="* (default)")):
                 lines.append(f"  {r.match:<32} {r.op:<9} weight {_s(r.weight):<34} act {_s(r.act):<18} kv {_s(r.kv)}")
@@ -266,7 +288,7 @@ def model_layers(model: Any) -> list[tuple[str, str]]:
         kinds = {"linear": "linear", "qlinear": "linear", "embedding": "embedding", "attention": "attention"}
         return [
             (layer_path(n, n.inputs[1].node if n.op == "linear" else None), kinds[n.op])
-            for n in graph.nodes if n.op in kinds
+            for n in graph.walk() if n.op in kinds  # fused regions included
         ]
     import torch
 

@@ -19,7 +19,7 @@ with `Graph.rewrite` or `replace`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace as dc_replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -208,6 +208,15 @@ class Graph:
                 if n not in out[v.node]:
                     out[v.node].append(n)
         return out
+
+    def walk(self) -> Iterator[Node]:
+        """Every body node in order, each `fused` node followed by the nodes of its region
+        (recursively): what a search for an op must see once the fuse pass grouped it."""
+        for n in self.nodes:
+            yield n
+            for _, v in n.attrs:
+                if isinstance(v, Graph):
+                    yield from v.walk()
 
     def op_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -117,6 +117,8 @@ def _qlinear(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     x, w = ins[0], ins[na]
     _need(x.dtype == act, f"activation codes must have type {act}, got {x}")
     _need(w.dtype == weight, f"weight codes must have type {weight}, got {w}")
+    _need(x.layout is None, f"activation codes are computed at run time and never packed, got {x}")
+    _check_packed(w, weight)
     _need(w.rank == 2 and x.rank >= 1 and dims_equal(x.shape[-1], w.shape[1]), f"activation [.., K] and weight [N, K] disagree: {x}, {w}")
     for fmt, parts, t in ((act, ins[:na], x), (weight, ins[na : na + nw], w)):
         for part, got, want in zip(quant_parts(fmt), parts, _quant_types(fmt, t.shape)):
@@ -289,15 +291,22 @@ def _quantize(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     return out
 
 
+def _check_packed(codes: TensorType, fmt: NumberFormat) -> None:
+    """Packed codes (the layout pass) must be int32 words of `fmt`'s width along the last
+    (reduction) axis, in a layout legal for their shape; unpacked codes pass."""
+    if codes.layout is None:
+        return
+    lay = codes.layout
+    _need(lay.bits == fmt.bits, f"packed codes of {fmt} must have layout bits={fmt.bits}, got {codes}")
+    _need(codes.rank >= 1 and lay.axis % codes.rank == codes.rank - 1,
+          f"packed codes must be packed along their last (reduction) axis {codes.rank - 1}, got {codes}")
+    _need((problem := check_layout(lay, codes.shape)) is None, str(problem))
+
+
 def _dequantize(ins: list[TensorType], attrs: dict) -> list[TensorType]:
     fmt, codes = attrs["format"], ins[0]
     _need(codes.dtype == fmt, f"codes must have type {fmt}, got {codes}")
-    if codes.layout is not None:  # packed codes (the layout pass): int32 words along the reduction axis
-        lay = codes.layout
-        _need(lay.bits == fmt.bits, f"packed codes of {fmt} must have layout bits={fmt.bits}, got {codes}")
-        _need(codes.rank >= 1 and lay.axis % codes.rank == codes.rank - 1,
-              f"packed codes must be packed along their last (reduction) axis {codes.rank - 1}, got {codes}")
-        _need((problem := check_layout(lay, codes.shape)) is None, str(problem))
+    _check_packed(codes, fmt)
     want = _quant_types(fmt, codes.shape)
     _need(len(ins) == len(want), f"{fmt} is dequantized from {', '.join(quant_parts(fmt))}: {len(want)} operands, got {len(ins)}")
     for part, t, w in zip(quant_parts(fmt), ins, want):

@@ -20,6 +20,11 @@ row or tensor); other pairs keep their dequantize nodes, and the reason is recor
 A static `quantize(dequantize(codes, s...), s...)` of the same format with the very same
 scale operands gives back `codes`: the pair is removed.
 
+Identical copies of a pure op the quantize pass emits once per layer — `quantize`,
+`dequantize`, `slice`, `gather` of the same operands with the same attributes, such as q, k
+and v each quantizing the one norm output — are merged into the first (its location stays);
+`graph.meta["merged"]` counts them. One activation is then quantized once per format.
+
 Smoothing scales need no folding here: `smooth` folds them into the norms and producer
 linears itself. Shape arithmetic stays: what is left of it in captured graphs depends on the
 symbolic sizes.
@@ -60,12 +65,26 @@ def _dequantized(v: Value, want_op: str) -> Node | None:
     return dq
 
 
+#: Pure ops the quantize pass repeats per layer on one shared activation (q, k and v each
+#: slice and quantize the same norm output); identical copies are merged.
+MERGED_OPS = ("quantize", "dequantize", "slice", "gather")
+
+
 def fold(graph: Graph) -> Graph:
     """Fold dequantization into `qlinear` epilogues and drop requantization (see the module
     docstring); returns `graph` itself when nothing changes."""
     record: dict[str, str] = {}
+    seen: dict[tuple, Node] = {}
+    merged = 0
 
     def apply(node: Node):
+        nonlocal merged
+        if node.op in MERGED_OPS:
+            key = (node.op, node.inputs, repr(node.attrs), node.types)
+            if key in seen:
+                merged += 1
+                return seen[key].outs
+            seen[key] = node
         if node.op == "quantize" and len(node.inputs) > 1:
             return _requantize(node)
         if node.op != "linear":
@@ -86,9 +105,10 @@ def fold(graph: Graph) -> Graph:
         return node.replace(op="qlinear", inputs=[*xdq.inputs, *wdq.inputs, *node.inputs[2:]], attrs=attrs)
 
     out = graph.rewrite(apply)
-    if record:
+    if record or merged:
         out = out if out is not graph else graph.with_meta()
         out.meta["folded"] = {**graph.meta.get("folded", {}), **record}
+        out.meta["merged"] = graph.meta.get("merged", 0) + merged
     return out
 
 

@@ -12,8 +12,14 @@ this order, so a linear claimed by a SwiGLU is not also a GEMM of its own):
   an epilogue, each step only if the result before it has no other reader (and is no graph
   output): an `add` of a bias (a 1-D const), an activation (`silu`, `gelu`), a residual
   `add` (of a value of the result's type);
-- `norm_quant` at `rms_norm`/`layer_norm`: the norm and every `quantize` of its result, with
-  the `dequantize` that reads each;
+- `norm_quant` at `rms_norm`/`layer_norm`: the norm, the reorder pass's `gather` of its input
+  (a const permutation of the channels that only the norm reads: the kernel loads its row in
+  that order), and every `quantize` of its result — or of a `slice` of its channels that only
+  quantizes read (a reordered layer's main and outlier ranges) — with the `dequantize` that
+  reads each; a norm with neither gather nor quantize forms no group;
+- `act_quant` at a reorder `gather` (const index, last axis) read only by quantizes, directly
+  or through channel slices (the attention output before a reordered `o_proj`): the gather
+  becomes the quantize kernel's load order, never a pass of its own over memory;
 - `rope_kv` at `rope`: the rope and the (KV-cache) `quantize`s of its result, likewise.
 
 A node joins at most one group; `const` nodes never join (weights stay operands of the fused
@@ -55,7 +61,7 @@ from ..ir import Graph, Node, Value, dims_equal
 from ..ir.ops import quant_parts
 
 #: The kinds of group, in the order they are formed.
-KINDS = ("swiglu", "dequant_gemm", "norm_quant", "rope_kv")
+KINDS = ("swiglu", "dequant_gemm", "norm_quant", "act_quant", "rope_kv")
 #: The GEMMs groups are formed around: a float or dequantized-weight `linear`, and `qlinear`
 #: (quantized activation and weight, scales in the epilogue: the fold pass forms it).
 GEMMS = ("linear", "qlinear")
@@ -203,23 +209,61 @@ def dequant_gemm(node: Node, ctx: Context) -> Candidate | None:
     return Candidate("dequant_gemm", node, [*w, node], steps, chained=True)
 
 
-def _quantized(kind: str, node: Node, ctx: Context) -> Candidate | None:
-    """`node` and each quantize of its result, with the dequantize that reads it."""
+def _quantize_step(q: Node, ctx: Context) -> list[Node]:
+    """A quantize and the dequantizes that read all of its results."""
+    return [q, *(d for d in ctx.users.get(q, ()) if d.op == "dequantize" and d.inputs == q.outs)]
+
+
+def _quantize_steps(node: Node, ctx: Context) -> list[list[Node]]:
+    """Each quantize of `node`'s result (with its dequantizes), and each slice of the last
+    axis of it that only quantizes read (the main and outlier channel ranges of a reordered
+    layer, `passes/reorder.py`), with those quantizes."""
     steps = []
-    for q in ctx.users.get(node, ()):
-        if q.op == "quantize" and q.inputs[0] == node.out:
-            steps.append([q, *(d for d in ctx.users.get(q, ()) if d.op == "dequantize" and d.inputs == q.outs)])
-    return Candidate(kind, node, [node], steps, chained=False, need_step=True) if steps else None
+    for r in ctx.users.get(node, ()):
+        if r.op == "quantize" and r.inputs[0] == node.out:
+            steps.append(_quantize_step(r, ctx))
+        elif r.op == "slice" and r.get("axis") % r.types[0].rank == r.types[0].rank - 1 and r.get("step") == 1:
+            readers = ctx.users.get(r, [])
+            if readers and r.out not in ctx.outputs and all(q.op == "quantize" and q.inputs[0] == r.out for q in readers):
+                steps.append([r, *(n for q in readers for n in _quantize_step(q, ctx))])
+    return steps
+
+
+def _reorder_gather(node: Node, ctx: Context) -> Node | None:
+    """The `gather` of channels (a const index along the last axis: the reorder pass's
+    permutation) that only `node` reads, as `node`'s first operand."""
+    g = node.inputs[0].node
+    if g.op != "gather" or ctx.sole_reader(g) is not node or g.inputs[1].node.op != "const":
+        return None
+    return g if g.get("axis") % g.types[0].rank == g.types[0].rank - 1 else None
 
 
 def norm_quant(node: Node, ctx: Context) -> Candidate | None:
-    """rms_norm / layer_norm and the activation quantize (and dequantize) of its result."""
-    return _quantized("norm_quant", node, ctx)
+    """rms_norm / layer_norm, the reorder gather of its input (the kernel loads the row in
+    that order), and the activation quantizes (and dequantizes) of its result or of slices of
+    its channels. A norm with a gather is a group even when nothing quantizes its result."""
+    gather = _reorder_gather(node, ctx)
+    steps = _quantize_steps(node, ctx)
+    if gather is None and not steps:
+        return None
+    return Candidate("norm_quant", node, [gather, node] if gather else [node], steps, chained=False, need_step=gather is None)
+
+
+def act_quant(node: Node, ctx: Context) -> Candidate | None:
+    """A reorder `gather` (const index, last axis) whose result only quantizes read, directly
+    or through slices of its channels: the activation-quantize kernel loads in that order."""
+    if node.inputs[1].node.op != "const" or node.get("axis") % node.types[0].rank != node.types[0].rank - 1:
+        return None
+    steps = _quantize_steps(node, ctx)
+    if not steps or len(steps) < len(ctx.users.get(node, ())):  # some reader is no quantize
+        return None
+    return Candidate("act_quant", node, [node], steps, chained=False, need_step=True)
 
 
 def rope_kv(node: Node, ctx: Context) -> Candidate | None:
     """rope (of the keys) and the KV-cache quantize (and dequantize) of its result."""
-    return _quantized("rope_kv", node, ctx)
+    steps = [_quantize_step(q, ctx) for q in ctx.users.get(node, ()) if q.op == "quantize" and q.inputs[0] == node.out]
+    return Candidate("rope_kv", node, [node], steps, chained=False, need_step=True) if steps else None
 
 
 #: (kind, anchor ops, pattern), in the order groups are formed.
@@ -227,6 +271,7 @@ PATTERNS: list[tuple[str, tuple[str, ...], Pattern]] = [
     ("swiglu", ("mul",), swiglu),
     ("dequant_gemm", GEMMS, dequant_gemm),
     ("norm_quant", ("rms_norm", "layer_norm"), norm_quant),
+    ("act_quant", ("gather",), act_quant),
     ("rope_kv", ("rope",), rope_kv),
 ]
 

@@ -1,7 +1,8 @@
 """layout: pack every quantized weight into int32 words in the layout its kernel reads.
 
-Every `const` whose type is a number format and which only `dequantize` reads (as its codes)
-is packed: its tensor in `graph.weights` (codes as int8 / uint8 / float16 values, as the
+Every `const` whose type is a number format and which is read only as codes — by `dequantize`
+(its first operand) or by `qlinear` (its weight codes, the fold pass's quantized GEMM) — is
+packed: its tensor in `graph.weights` (codes as int8 / uint8 / float16 values, as the
 quantize pass stores them) is replaced, under the same name, by int32 words (`mxc.ir.packing`:
 a dense little-endian bit stream along the reduction axis K, ceil(bits·K/32) words per row,
 widths 3, 5, 6, 7 straddling word boundaries), and the const's type gets the layout:
@@ -25,19 +26,38 @@ before (integer codes and float bit patterns are exact), so it yields the same v
 from __future__ import annotations
 
 from ..ir import FloatFormat, Graph, IntFormat, Layout, Node, TensorType
+from ..ir.ops import quant_parts
 from ..ir.packing import WORD_BITS, pack, to_codes
 
 #: The kernel families a quantized weight can feed, and what each reads.
 FAMILIES = {
     "dequant_gemm": "weight-only dequant GEMM/GEMV: every reader is a linear's weight operand",
     "dequant": "any other reader of the dequantized tensor (an embedding table, a matmul operand)",
+    "qgemm": "the integer / low-bit float GEMM of quantized activations and weights (`qlinear`)",
 }
 
 
-def kernel_family(dequantizes: list[Node], users: dict[Node, list[Node]]) -> str:
-    """The family of kernel that will read a weight through `dequantizes` (see `FAMILIES`)."""
-    readers = [(d, u) for d in dequantizes for u in users.get(d, [])]
-    if readers and all(u.op == "linear" and u.inputs[1].node is d and u.inputs[0].node is not d for d, u in readers):
+def _reads_codes(reader: Node, node: Node) -> bool:
+    """Whether `reader` reads `node` only as the codes of a quantized tensor: the first
+    operand of a `dequantize`, or the weight codes of a `qlinear`."""
+    if reader.op == "dequantize":
+        return all(v.node is not node for v in reader.inputs[1:])
+    if reader.op == "qlinear":
+        na = len(quant_parts(reader.get("act")))
+        return [i for i, v in enumerate(reader.inputs) if v.node is node] == [na]
+    return False
+
+
+def kernel_family(readers: list[Node], users: dict[Node, list[Node]]) -> str:
+    """The family of kernel that will read a weight through `readers` (its `dequantize`s or
+    `qlinear`s; see `FAMILIES`)."""
+    if readers and all(r.op == "qlinear" for r in readers):
+        return "qgemm"
+    dequantizes = [r for r in readers if r.op == "dequantize"]
+    if len(dequantizes) != len(readers):
+        return "dequant"
+    pairs = [(d, u) for d in dequantizes for u in users.get(d, [])]
+    if pairs and all(u.op == "linear" and u.inputs[1].node is d and u.inputs[0].node is not d for d, u in pairs):
         return "dequant_gemm"
     return "dequant"
 
@@ -45,7 +65,7 @@ def kernel_family(dequantizes: list[Node], users: dict[Node, list[Node]]) -> str
 def choose_layout(t: TensorType, family: str, word: str = "i32") -> Layout:
     """The layout codes of type `t` are packed in for a kernel of `family`.
 
-    Both families today read codes packed along K (the last axis, the reduction axis of a
+    All families today read codes packed along K (the last axis, the reduction axis of a
     [N, K] weight) in the natural order: the dequant GEMM/GEMV templates unpack a run of K
     with shifts and masks, and rows pack independently. This is where a tensor-core (mma)
     dequant GEMM would get its own rule once fusion and codegen choose it for a shape class
@@ -74,9 +94,7 @@ def layout(graph: Graph, *, word: str = "i32") -> Graph:
         if node.op != "const" or not isinstance(t.dtype, (IntFormat, FloatFormat)) or t.layout is not None:
             return False
         readers = users.get(node, [])
-        return bool(readers) and node not in outputs and all(
-            r.op == "dequantize" and all(v.node is not node for v in r.inputs[1:]) for r in readers
-        )
+        return bool(readers) and node not in outputs and all(_reads_codes(r, node) for r in readers)
 
     def apply(node: Node) -> Node | None:
         if not packable(node):

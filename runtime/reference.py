@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir import DType, Graph, Node, Ref, RuntimeDevice, TorchConst, flags
-from ..ir.formats import QTensor
+from ..ir.formats import NumberFormat, QTensor
 from ..ir.ops import quant_parts
 from ..ir.packing import from_codes, unpack
 from ..ir.printer import print_node, region_of, value_names
@@ -109,14 +109,19 @@ def _quantize(ins: list[torch.Tensor], a: dict, fr: Frame) -> tuple[torch.Tensor
     return tuple(parts[p] for p in quant_parts(fmt))
 
 
+def _unpacked(codes: torch.Tensor, operand: int, fmt: NumberFormat, fr: Frame) -> torch.Tensor:
+    """Operand `operand` of the node being run, `codes` of `fmt`, as code values: int32 words
+    (the layout pass packed them: its type has a layout) are unpacked, else `codes` itself."""
+    t = fr.node.inputs[operand].type if fr.node is not None else None
+    if t is None or t.layout is None:
+        return codes
+    return from_codes(unpack(codes, t.layout, fr.size(t.shape[t.layout.axis])), fmt)
+
+
 def _dequantize(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
     fmt = a["format"]
     parts = dict(zip(quant_parts(fmt), ins))
-    codes = parts["codes"]
-    packed = fr.node.inputs[0].type if fr.node is not None else None
-    if packed is not None and packed.layout is not None:  # int32 words (the layout pass): unpack
-        k = fr.size(packed.shape[packed.layout.axis])
-        codes = from_codes(unpack(codes, packed.layout, k), fmt)
+    codes = _unpacked(parts["codes"], 0, fmt, fr)
     q = QTensor(codes.float(), parts["scale"].float(), parts.get("zero"), parts.get("global"))
     return fmt.dequantize(q).to(a["dtype"].torch)
 
@@ -131,7 +136,7 @@ def _qlinear(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
     na, nw = len(quant_parts(act)), len(quant_parts(wf))
     xp, wp = dict(zip(quant_parts(act), ins[:na])), dict(zip(quant_parts(wf), ins[na : na + nw]))
     bias = ins[na + nw] if len(ins) > na + nw else None
-    xq, wq = xp["codes"].double(), wp["codes"].double()
+    xq, wq = xp["codes"].double(), _unpacked(wp["codes"], na, wf, fr).double()
     k = xq.shape[-1]
     bx, bw = act.scaling.block(k), wf.scaling.block(k)
     grouped_x = bx is not None and bx < k
@@ -245,7 +250,8 @@ class ReferenceExecutor:
 
     def __call__(self, inputs: Sequence[torch.Tensor], observer: Observer | None = None) -> list[torch.Tensor]:
         """The graph's outputs for `inputs`; `observer(node, operands)` sees every node's
-        operands before it runs and may return operands to run it with instead."""
+        operands (in fused regions too) before it runs and may return operands to run it with
+        instead."""
         run = self.start(inputs)
         run.advance(len(self.graph.nodes), observer)
         return run.outputs()
@@ -255,11 +261,13 @@ class ReferenceExecutor:
         steps several runs in lockstep, layer by layer (see `Run`)."""
         return Run(self, inputs)
 
-    def _run(self, node: Node, operands: list[torch.Tensor], frame: Frame) -> tuple[torch.Tensor, ...]:
+    def _run(
+        self, node: Node, operands: list[torch.Tensor], frame: Frame, observer: "Observer | None" = None
+    ) -> tuple[torch.Tensor, ...]:
         if node.op == "const":
             return (self.weights[node.get("name")],)
         if node.op == "fused":
-            return self._run_region(node, operands, frame)
+            return self._run_region(node, operands, frame, observer)
         try:
             frame.node = node
             got = IMPLS[node.op](operands, node.attr, frame)
@@ -280,13 +288,19 @@ class ReferenceExecutor:
                     f"= {want} with {bound}"
                 )
 
-    def _run_region(self, node: Node, operands: list[torch.Tensor], frame: Frame) -> tuple[torch.Tensor, ...]:
+    def _run_region(
+        self, node: Node, operands: list[torch.Tensor], frame: Frame, observer: "Observer | None" = None
+    ) -> tuple[torch.Tensor, ...]:
         """A `fused` node: its region's nodes, in order, on its operands (so it computes what
-        the nodes it groups compute, op for op); its results are the region's yields."""
+        the nodes it groups compute, op for op); its results are the region's yields. The
+        observer sees the region's nodes too."""
         body = region_of(node)
         env: dict[Node, tuple[torch.Tensor, ...]] = {arg: (t,) for arg, t in zip(body.inputs, operands)}
         for inner in body.nodes:
-            env[inner] = self._run(inner, [env[v.node][v.index] for v in inner.inputs], frame)
+            inner_operands = [env[v.node][v.index] for v in inner.inputs]
+            if observer is not None:
+                inner_operands = observer(inner, inner_operands) or inner_operands
+            env[inner] = self._run(inner, inner_operands, frame, observer)
         results = tuple(env[v.node][v.index] for v in body.outputs)
         if self.check_shapes:
             self._check(node, results, frame)
@@ -350,7 +364,7 @@ class Run:
                 operands = self.operands(node)
                 if observer is not None:
                     operands = observer(node, operands) or operands
-                self.env[node] = ex._run(node, operands, self.frame)
+                self.env[node] = ex._run(node, operands, self.frame, observer)
                 for dead in ex._last_use.get(i, ()):
                     self.env.pop(dead, None)
         self.position = max(self.position, stop)

@@ -149,7 +149,7 @@ def test_static_activation_scales_are_the_calibrated_abs_max(tiny_llama_factory)
     plan = {"default": {"weight": "int8<sym,channel>", "act": str(fmt)}, "rules": [{"match": "lm_head"}], "method": "rtn",
             "clip_search": False}
     c = mxc.compile(model, plan, example_inputs=ids, calibration=calib)
-    statics = [n for n in c.graph.nodes if n.op == "quantize"]
+    statics = [n for n in c.graph.walk() if n.op == "quantize"]
     assert len(statics) == 14 and all(len(n.inputs) == 2 for n in statics)
     assert "model.layers.0.self_attn.q_proj.input_scale" in c.graph.weights
     # the compiled model, run on the calibration batches, sees exactly the abs-max each scale

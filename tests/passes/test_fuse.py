@@ -54,7 +54,11 @@ def with_random_weights(graph: Graph, seed: int = 0) -> Graph:
         weights.update((v.node.get("name"), parts[p]) for v, p in zip(consts, quant_parts(fmt)))
     for n in graph.nodes:
         if n.op == "const" and n.get("name") not in weights:
-            weights[n.get("name")] = torch.randn(n.types[0].shape, generator=gen)
+            t = n.types[0]
+            if t.dtype.kind == "int":  # a reorder gather's index: a permutation of the channels
+                weights[n.get("name")] = torch.randperm(t.shape[0], generator=gen)
+            else:
+                weights[n.get("name")] = torch.randn(t.shape, generator=gen)
     return graph.replace(weights=weights)
 
 
@@ -92,7 +96,7 @@ def test_fuse_is_registered():
 
 
 def test_golden_cases_exist():
-    assert {"dequant_gemm", "epilogue_two_readers", "norm_quant", "swiglu", "swiglu_qlinear", "rope_kv"} <= set(CASES)
+    assert {"dequant_gemm", "epilogue_two_readers", "norm_quant", "swiglu", "swiglu_qlinear", "rope_kv", "reordered"} <= set(CASES)
     assert {"near_miss_cycle", "near_miss_swiglu", "near_miss_unquantized"} <= set(CASES)
 
 
@@ -117,6 +121,22 @@ def test_golden(case):
     # the rewrite preserves the function bit for bit, also after the round trip
     assert_same_function(before, after)
     assert_same_function(before, reparsed, SIZES[1:2])
+
+
+def test_golden_reorder_gathers_join_their_quantize_kernels():
+    """The reorder pass's gathers are no pass over memory of their own: a norm's joins the
+    norm group (also with nothing quantized after it), the attention-side one the quantize."""
+    after = golden("reordered", "after")
+    assert regions(after) == [
+        ("norm_quant", ["gather", "rms_norm", "slice", "quantize", "slice", "quantize"]),
+        ("dequant_gemm", ["qlinear"]),  # the outlier channels' int8 GEMM
+        ("dequant_gemm", ["qlinear", "add"]),  # the main GEMM adds it in its epilogue
+        ("act_quant", ["gather", "slice", "quantize", "slice", "quantize"]),
+        ("dequant_gemm", ["qlinear"]),
+        ("dequant_gemm", ["qlinear", "add"]),
+        ("norm_quant", ["gather", "layer_norm"]),
+    ]
+    assert "gather" not in after.op_counts()
 
 
 def test_golden_fuses_what_it_says():
@@ -184,7 +204,7 @@ def test_would_be_cycle_is_the_only_obstacle():
 
 def test_meta_records_the_groups():
     g = fuse(with_random_weights(golden("swiglu")))
-    assert g.meta["fused"] == {"swiglu": 1, "dequant_gemm": 1, "norm_quant": 1, "rope_kv": 0}
+    assert g.meta["fused"] == {"swiglu": 1, "dequant_gemm": 1, "norm_quant": 1, "act_quant": 0, "rope_kv": 0}
     assert fuse(with_random_weights(golden("swiglu")), groups=["rope_kv", "swiglu"]).meta["fused"] == {"swiglu": 1, "rope_kv": 0}
 
 
@@ -204,7 +224,7 @@ def test_groups_switch_kinds_off():
     assert str(fuse(before, groups="dequant_gemm")) == str(only_gemm)
     with pytest.raises(ValueError, match=r"unknown fusion group kind\(s\) \['gemm'\]; expected some of"):
         fuse(before, groups=("gemm",))
-    assert set(KINDS) == {"norm_quant", "dequant_gemm", "swiglu", "rope_kv"}
+    assert set(KINDS) == {"norm_quant", "act_quant", "dequant_gemm", "swiglu", "rope_kv"}
 
 
 # --------------------------------------------------------------------------- the region's text form
@@ -313,7 +333,9 @@ FORMS = ["compiled", "unfolded"]
 def quantized(tiny_llama, captured_tiny_llama):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no calibration data: round to nearest, no smoothing
-        compiled = mxc.compile(tiny_llama, PLAN, example_inputs=torch.randint(0, 131, (2, 13)), calibration=None)
+        # the pipeline up to fold: layout and fuse are what this file runs and checks
+        plan = {**PLAN, "passes": {"layout": False, "fuse": False}}
+        compiled = mxc.compile(tiny_llama, plan, example_inputs=torch.randint(0, 131, (2, 13)), calibration=None)
     plan = mxc.Plan.coerce(PLAN).resolved(calibrated=False)
     options = {"quantize": {"plan": plan}}
     unfolded = run_pipeline(captured_tiny_llama.graph, ["canonicalize", "quantize"], options=options, verify=True).graph
@@ -334,7 +356,7 @@ def inner_nodes(graph: Graph) -> list[tuple[str, Node]]:
 def test_tiny_llama_groups(tiny_llama, quantized, fused, form):
     before, after = quantized[form], fused[form]
     assert tiny_llama.config.num_hidden_layers == LAYERS
-    assert after.meta["fused"] == {"swiglu": LAYERS, "dequant_gemm": 5 * LAYERS + 1, "norm_quant": 2 * LAYERS + 1, "rope_kv": LAYERS}
+    assert after.meta["fused"] == {"swiglu": LAYERS, "dequant_gemm": 5 * LAYERS + 1, "norm_quant": 2 * LAYERS + 1, "act_quant": 0, "rope_kv": LAYERS}
     gemm = "qlinear" if form == "compiled" else "linear"
     assert before.op_counts()[gemm] == 7 * LAYERS + 1 and not {"linear", "qlinear"} - {gemm} & set(before.op_counts())
     outer = after.op_counts()
@@ -361,6 +383,7 @@ def test_tiny_llama_groups(tiny_llama, quantized, fused, form):
             assert ops == (wdq + [gemm, "silu"] + wdq + [gemm, "mul"])
         elif kind == "norm_quant":  # q, k, v read the input norm; gate, up the post-attention norm; lm_head the last
             n = 3 if node.loc.endswith("input_layernorm") else 2 if node.loc.endswith("post_attention_layernorm") else 1
+            n = n if form == "unfolded" else 1  # fold merged the copies: one quantize per activation
             assert ops == ["rms_norm"] + (["quantize"] + adq) * n, (node.loc, ops)
         else:
             assert ops == ["rope", "quantize", "dequantize"]

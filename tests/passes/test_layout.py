@@ -21,7 +21,7 @@ import sympy
 import torch
 
 from mxc.compiled import CompiledModel
-from mxc.ir import Graph, Layout, VerificationError, parse, verify
+from mxc.ir import Graph, Layout, Node, VerificationError, parse, verify
 from mxc.ir.ops import quant_parts
 from mxc.ir.packing import pack, packed_words, to_codes, unpack
 from mxc.passes import PASSES, run_pipeline
@@ -37,21 +37,33 @@ CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.befor
 SIZES = [{"b": 1, "s": 1}, {"b": 2, "s": 7}, {"b": 3, "s": 5}]
 
 
+def weight_parts(graph: Graph) -> list[tuple[Node, object, tuple]]:
+    """(reader, format, part values) of every quantized weight: the const operands of a weight
+    `dequantize`, and a `qlinear`'s weight parts."""
+    out = []
+    for node in graph.nodes:
+        if node.op == "dequantize" and node.inputs[0].node.op == "const":
+            out.append((node, node.get("format"), node.inputs))
+        elif node.op == "qlinear":
+            fmt, na = node.get("weight"), len(quant_parts(node.get("act")))
+            out.append((node, fmt, node.inputs[na : na + len(quant_parts(fmt))]))
+    return out
+
+
 def quantized_weights(graph: Graph) -> Graph:
-    """`graph` with weights: every weight dequantize's parts are those of `fmt.quantize` of a
+    """`graph` with weights: every quantized weight's parts are those of `fmt.quantize` of a
     fresh random matrix (codes in their `storage` dtype, packed where the type says so);
     other consts are random floats."""
     weights = {}
-    for node in graph.nodes:
-        if node.op == "dequantize" and node.inputs[0].node.op == "const":
-            fmt, t = node.get("format"), node.inputs[0].type
-            w = torch.randn(t.shape) * torch.exp(torch.randn(t.shape[0], 1))
-            q = fmt.quantize(w)
-            parts = {"codes": storage(q.codes, fmt), "scale": q.scale, "zero": q.zero, "global": q.global_scale}
-            for part, v in zip(quant_parts(fmt), node.inputs):
-                if part == "codes" and t.layout is not None:
-                    parts[part] = pack(to_codes(parts[part], fmt), t.layout)
-                weights[v.node.get("name")] = parts[part]
+    for _, fmt, values in weight_parts(graph):
+        t = values[0].type
+        w = torch.randn(t.shape) * torch.exp(torch.randn(t.shape[0], 1))
+        q = fmt.quantize(w)
+        parts = {"codes": storage(q.codes, fmt), "scale": q.scale, "zero": q.zero, "global": q.global_scale}
+        for part, v in zip(quant_parts(fmt), values):
+            if part == "codes" and t.layout is not None:
+                parts[part] = pack(to_codes(parts[part], fmt), t.layout)
+            weights[v.node.get("name")] = parts[part]
     for node in graph.nodes:
         if node.op == "const" and node.get("name") not in weights:
             weights[node.get("name")] = torch.randn(node.types[0].shape)
@@ -82,7 +94,7 @@ def assert_same_function(before: Graph, after: Graph) -> None:
 
 
 def test_golden_cases_exist():
-    assert {"linear_int3", "mlp_mixed", "widths", "embedding_tied"} <= set(CASES)
+    assert {"linear_int3", "mlp_mixed", "widths", "embedding_tied", "qlinear_mixed"} <= set(CASES)
     assert sum(c.startswith("near_miss") for c in CASES) >= 2
 
 
@@ -107,11 +119,11 @@ def test_golden_packs_every_weight_code_tensor(case):
     scales and zero points keep their tensors; the input graph keeps its own weights."""
     before = quantized_weights(parse((GOLDEN / f"{case}.before.mxir").read_text()))
     after = layout(before)
-    codes = [n for n in after.nodes if n.op == "dequantize" and n.inputs[0].node.op == "const"]
+    codes = weight_parts(after)
     assert codes
-    assert set(after.meta["layout"]) == {n.inputs[0].node.get("name") for n in codes}
-    for dq in codes:
-        const = dq.inputs[0].node
+    assert set(after.meta["layout"]) == {values[0].node.get("name") for _, _, values in codes}
+    for _, _, values in codes:
+        const = values[0].node
         name, t = const.get("name"), const.types[0]
         assert t.layout == Layout(bits=t.dtype.bits, axis=1)
         n, k = t.shape
@@ -120,7 +132,7 @@ def test_golden_packs_every_weight_code_tensor(case):
         assert after.meta["layout"][name] == {"layout": str(t.layout), "bytes": n * packed_words(k, t.dtype.bits) * 4}
         assert before.weights[name].dtype in (torch.int8, torch.uint8, torch.float16)
         assert torch.equal(unpack(words, t.layout, k), to_codes(before.weights[name], t.dtype))
-        for v in dq.inputs[1:]:
+        for v in values[1:]:
             assert after.weights[v.node.get("name")] is before.weights[v.node.get("name")]
     assert "layout" not in before.meta
 
@@ -142,6 +154,8 @@ def test_kernel_family():
     assert kernel_family([g.nodes[2]], users) == "dequant"  # an embedding and a tied lm_head read it
     g = parse((GOLDEN / "linear_int3.before.mxir").read_text())
     assert kernel_family([g.nodes[3]], g.users()) == "dequant_gemm"
+    g = parse((GOLDEN / "qlinear_mixed.before.mxir").read_text())
+    assert kernel_family([g.nodes[3]], g.users()) == "qgemm"
     with pytest.raises(ValueError, match="unknown kernel family 'mma'"):
         choose_layout(g.nodes[0].types[0], "mma")
 
@@ -253,6 +267,23 @@ def test_tiny_llama_packed_logits_equal_unpacked(tiny_llama, quantized, plan):
         ids = torch.randint(0, tiny_llama.config.vocab_size, (b, s))
         (want,), (got,) = run_q([ids]), run_packed([ids])
         assert torch.equal(got, want), f"{plan}: logits differ at (b, s) = {(b, s)}"
+
+
+@pytest.mark.parametrize("weight", ["int4<asym,g24>", "int5<sym,channel>", "fp8e4m3<channel>"])
+def test_tiny_llama_folded_qlinear_weights_pack(tiny_llama, canonical, weight):
+    """After fold, the integer GEMMs (`qlinear`) read the weight codes themselves: those pack
+    too (kernel family "qgemm"), and the logits stay bit-identical."""
+    act = "fp8e4m3<token>" if weight.startswith("fp8") else "int8<sym,token>"
+    plan = Plan(default=Rule(weight=weight, act=act), method="rtn", clip_search=False)
+    folded = run_pipeline(canonical, ["quantize", "fold"], options={"quantize": {"plan": plan}}, verify=True).graph
+    packed = run_pipeline(folded, ["layout"], verify=True).graph
+    gemms = [n for n in packed.nodes if n.op == "qlinear"]
+    assert len(gemms) == 7 * tiny_llama.config.num_hidden_layers + 1  # lm_head too
+    for g in gemms:
+        w = g.inputs[len(quant_parts(g.get("act")))]
+        assert w.type.layout is not None and packed.weights[w.node.get("name")].dtype == torch.int32
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 11))
+    assert torch.equal(ReferenceExecutor(packed, check_shapes=True)([ids])[0], ReferenceExecutor(folded)([ids])[0])
 
 
 def test_tiny_llama_packed_graph_round_trips_through_text(tiny_llama, quantized):

@@ -11,6 +11,7 @@ import copy
 import math
 import re
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -43,8 +44,15 @@ PLANS = PRESETS + ["mixed"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+#: These tests read the quantize (and fold) pass's output node by node; the layout and fuse
+#: passes that follow in the pipeline (packing, regions) are tested in their own files and on
+#: the whole pipeline in tests/test_pipeline.py.
+UNPACKED = {"layout": False, "fuse": False}
+
+
 def as_plan(name: str) -> Plan:
-    return Plan.from_json(__import__("json").dumps(MIXED)) if name == "mixed" else Plan.preset(name)
+    plan = Plan.from_json(__import__("json").dumps(MIXED)) if name == "mixed" else Plan.preset(name)
+    return replace(plan, passes=UNPACKED)
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +312,7 @@ def test_tied_lm_head_is_quantized_apart_from_the_embedding(monkeypatch):
     model = tied_llama()
     table = model.model.embed_tokens.weight.detach().clone()
     ids = torch.randint(0, 131, (2, 11))
-    plan = Plan.from_dict({"name": "all", "default": {"weight": "int4<sym,g32>"}})
+    plan = Plan.from_dict({"name": "all", "default": {"weight": "int4<sym,g32>"}, "passes": UNPACKED})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         c = mxc.compile(model, plan, example_inputs=ids)
@@ -357,7 +365,7 @@ def calibration():
 def test_gptq_with_calibration_beats_round_to_nearest(tiny_llama_factory, calibration, weight):
     model = tiny_llama_factory(seed=5, layers=1)
     ids = torch.randint(0, 131, (2, 9))
-    rules = {"default": {"weight": weight}}
+    rules = {"default": {"weight": weight}, "passes": {"layout": False}}  # the codes are read below
     auto = mxc.compile(model, {**rules, "name": "auto"}, example_inputs=ids, calibration=calibration)
     assert auto.plan.method == "gptq" and auto.plan.clip_search is True
     rtn = mxc.compile(model, {**rules, "method": "rtn", "clip_search": False}, example_inputs=ids, calibration=calibration)

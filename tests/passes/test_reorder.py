@@ -30,6 +30,7 @@ from mxc.ir import Graph, parse, parse_format, verify
 from mxc.passes.calibrate import calibrate
 from mxc.passes.canonicalize import canonicalize
 from mxc.passes.manager import PASSES, run_pipeline
+from mxc.ir.packing import packed_words
 from mxc.passes.quantize import format_bytes, layer_path, quantize
 from mxc.passes.reorder import outlier_count, reorder
 from mxc.runtime import ReferenceExecutor
@@ -467,8 +468,11 @@ def test_compiled_tiny_llama_with_outliers_is_closer_to_float(outlier_model, one
         assert r["bits"] == pytest.approx(sum(p["bits"] * p["shape"][1] for p in r["parts"]) / k)
         for part, (lo, hi) in zip(r["parts"], [(0, k - 8), (k - 8, k)]):
             fmt = parse_format(part["format"])
-            assert part["columns"] == [lo, hi] and part["bytes"] == format_bytes(fmt, (n, hi - lo))
-            assert tuple(mixed.graph.weights[part["weights"][0]].shape) == (n, hi - lo)
+            # the codes as the layout pass stores them: ceil(bits·K/32) int32 words per row
+            packed = n * packed_words(hi - lo, fmt.bits) * 4 - -(-fmt.bits * n * (hi - lo) // 8)
+            assert part["columns"] == [lo, hi] and part["bytes"] == format_bytes(fmt, (n, hi - lo)) + packed
+            codes = next(c for c in mixed.graph.nodes if c.op == "const" and c.get("name") == part["weights"][0])
+            assert tuple(codes.types[0].shape) == (n, hi - lo)
     row = next(line for line in str(rep).splitlines() if line.split()[:1] == ["lm_head"])
     assert "int4<sym,g32> + 8 int8<sym,channel>" in row
     assert rep.avg_bits > plain.report().avg_bits
@@ -478,8 +482,8 @@ def test_no_calibration_warns_and_skips(tiny_llama, one_thread):
     ids = torch.randint(0, 131, (1, 7))
     with pytest.warns(UserWarning, match=r"no calibration data, so .*outlier channels are not reordered"):
         c = mxc.compile(tiny_llama, {"default": {"act": "int8<sym,token>", "options": {"outliers": 4}}}, example_inputs=ids)
-    assert "reordered" not in c.graph.meta and not [n for n in c.graph.nodes if n.op == "gather"]
-    assert sum(n.op == "linear" for n in c.graph.nodes) == 15  # no layer split in two
+    assert "reordered" not in c.graph.meta and not [n for n in c.graph.walk() if n.op == "gather"]
+    assert sum(n.op == "linear" for n in c.graph.walk()) == 15  # no layer split in two
 
 
 # --------------------------------------------------------------------------- bad options
