@@ -34,10 +34,12 @@ class Frame:
     """What an op rule may need beyond its operands: bound sizes, the device, and the node
     being run (its operand types: `dequantize` of packed codes reads their layout and K)."""
 
-    def __init__(self, sizes: dict[sympy.Symbol, int], device: torch.device):
+    def __init__(self, sizes: dict[sympy.Symbol, int], device: torch.device, unpacked: dict | None = None):
         self.sizes = sizes
         self.device = device
         self.node: Node | None = None
+        #: Packed weight words -> their codes, unpacked once per executor (see `_unpacked`).
+        self.unpacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {} if unpacked is None else unpacked
 
     def size(self, d: Any) -> int:
         if isinstance(d, sympy.Expr):
@@ -115,7 +117,13 @@ def _unpacked(codes: torch.Tensor, operand: int, fmt: NumberFormat, fr: Frame) -
     t = fr.node.inputs[operand].type if fr.node is not None else None
     if t is None or t.layout is None:
         return codes
-    return from_codes(unpack(codes, t.layout, fr.size(t.shape[t.layout.axis])), fmt)
+    hit = fr.unpacked.get(id(codes))
+    if hit is not None and hit[0] is codes:  # a weight's words: unpacked on the first call only
+        return hit[1]
+    out = from_codes(unpack(codes, t.layout, fr.size(t.shape[t.layout.axis])), fmt)
+    if fr.node.inputs[operand].node.op in ("const", "input") and not t.free_symbols:
+        fr.unpacked[id(codes)] = (codes, out)  # holds `codes`, so its id is not reused
+    return out
 
 
 def _dequantize(ins: list[torch.Tensor], a: dict, fr: Frame) -> torch.Tensor:
@@ -233,6 +241,9 @@ class ReferenceExecutor:
         self.weights = {k: v.to(self.device) for k, v in weights.items()}
         self.check_shapes = flags.DEBUG.get() if check_shapes is None else check_shapes
         self._last_use = self._last_uses()
+        # The oracle trades memory for speed here: packed weights are unpacked to codes once
+        # (as large as the codes were before the layout pass), not on every call.
+        self._unpacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         _check_rules(graph.nodes)
 
     def _last_uses(self) -> dict[int, list[Node]]:
@@ -349,7 +360,7 @@ class Run:
 
     def __init__(self, executor: ReferenceExecutor, inputs: Sequence[torch.Tensor]):
         self.executor = executor
-        self.frame = Frame(bind_inputs(executor.graph, inputs, executor.device), executor.device)
+        self.frame = Frame(bind_inputs(executor.graph, inputs, executor.device), executor.device, executor._unpacked)
         self.env: dict[Node, tuple[torch.Tensor, ...]] = {n: (t,) for n, t in zip(executor.graph.inputs, inputs)}
         self.position = 0
 
