@@ -53,5 +53,8 @@ DUMP_IR: Flag[str | None] = Flag("MXC_DUMP_IR", str, None, "directory to write t
 DEBUG: Flag[bool] = Flag("MXC_DEBUG", _bool, False, "verify the IR after every pass and check every node's result shape at run time")
 
 UPDATE_GOLDEN: Flag[bool] = Flag("MXC_UPDATE_GOLDEN", _bool, False, "tests rewrite golden IR files instead of comparing")
+CACHE_DIR: Flag[str | None] = Flag(
+    "MXC_CACHE_DIR", str, None, "directory of generated kernel sources (default ~/.cache/mxc/kernels)"
+)
 
-FLAGS = (DUMP_IR, DEBUG, UPDATE_GOLDEN)
+FLAGS = (DUMP_IR, DEBUG, UPDATE_GOLDEN, CACHE_DIR)

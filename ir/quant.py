@@ -124,7 +124,7 @@ def e8m0(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- bit patterns
 
 
-def _has_nan_code(spec: FloatSpec) -> bool:
+def has_nan_code(spec: FloatSpec) -> bool:
     """Whether the all-ones exponent field is (partly) reserved: e5m2 keeps it for inf/NaN,
     e4m3fn keeps its all-ones code (S.1111.111) for NaN; the fp6/fp4 formats use every code."""
     top = 2.0 ** (2**spec.ebits - 1 - spec.bias) * (2 - 2.0**-spec.mbits)
@@ -154,7 +154,7 @@ def encode_bits(x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
     if spec.has_inf:
         field = torch.where(torch.isinf(a), torch.full_like(field, emask), field)
         mant = torch.where(torch.isinf(a), torch.zeros_like(mant), mant)
-    if _has_nan_code(spec):
+    if has_nan_code(spec):
         field = torch.where(torch.isnan(a), torch.full_like(field, emask), field)
         mant = torch.where(torch.isnan(a), torch.full_like(mant, mmask), mant)
     bits = (sign << (spec.ebits + spec.mbits)) | (field.to(torch.int32) << spec.mbits) | mant.to(torch.int32)
@@ -164,7 +164,7 @@ def encode_bits(x: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
         v = float(x[bad].reshape(-1)[0])
         raise ValueError(
             f"value {v!r} is not on the grid of {_spec_name(spec)}; expected a value of round_float(x, spec)"
-            f"{'' if _has_nan_code(spec) else ' (this format has no NaN or infinity)'}"
+            f"{'' if has_nan_code(spec) else ' (this format has no NaN or infinity)'}"
         )
     return bits
 
@@ -189,7 +189,7 @@ def decode_bits(bits: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
     val = torch.where(field == 0, subnormal, normal)
     if spec.has_inf:
         val = torch.where(field == emask, torch.where(mant == 0, math.inf, math.nan), val)
-    elif _has_nan_code(spec):
+    elif has_nan_code(spec):
         val = torch.where((field == emask) & (mant == mmask), math.nan, val)
     return torch.where(sign == 1, -val, val)
 
