@@ -13,6 +13,7 @@ from .driver import FLOAT_PIPELINE, compile  # noqa: A004
 from .frontends.torch_export import CaptureError
 from .plan import PRESETS, Plan, Rule
 from .runtime import ExecutionError, InputError
+from .runtime.artifact import ArtifactError, load, save
 from .signature import CallError
 
 __version__ = "0.1.0"
@@ -21,3 +22,4 @@ __all__ = [
     "CallError", "CaptureError", "CompiledModel", "ExecutionError", "FLOAT_PIPELINE", "InputError",
     "PRESETS", "Plan", "Report", "Rule", "compile", "eval", "models",
 ]
+__all__ += ["ArtifactError", "load", "save"]
