@@ -2,8 +2,9 @@
 
 Rewrites (a table of `(op or torch target, rule)` pairs, applied to a fixed point):
 
-- no-ops: `cast` to the same dtype, `reshape`/`expand` to the same shape and `slice` with
-  step 1 that keeps the whole axis are replaced by their operand;
+- no-ops: `cast` to the same dtype, `reshape`/`expand` to the same shape, `slice` with
+  step 1 that keeps the whole axis, and the identity arithmetic captured shape computations
+  carry (torch `x + 0` on integers, `x * 1.0`) are replaced by their operand;
 - RMSNorm: `x * rsqrt(mean(x^2, -1, keepdim) + eps)` becomes `rms_norm(x) {eps}`, and
   `w * rms_norm(x)` with a 1-D weight of the normalised size becomes `rms_norm(x, w)`;
 - rotary embeddings: `x*cos + cat(-x[..., h:], x[..., :h])*sin` becomes `rope(x, cos, sin)`;
@@ -23,7 +24,7 @@ from typing import Callable
 
 import sympy
 
-from ..ir import Graph, Node, Value, dims_equal
+from ..ir import Graph, Node, Ref, Value, dims_equal
 
 Rule = Callable[[Node, "Context"], "Node | Value | None"]
 MAX_ROUNDS = 16
@@ -55,6 +56,28 @@ def _same_type(node: Node) -> bool:
 
 def noop(node: Node, ctx: Context) -> Value | None:
     if node.op == "slice" and node.get("step") != 1:
+        return None
+    return node.inputs[0] if _same_type(node) else None
+
+
+#: Identity arithmetic of captured shape computations: `x + 0`, `x - 0` (integers only: a
+#: float -0.0 + 0 is +0.0), `x * 1`, `x / 1` (exact for every dtype).
+_IDENTITIES = {"aten.add.Tensor": (0, False), "aten.sub.Tensor": (0, False), "aten.mul.Tensor": (1, True),
+               "aten.div.Tensor": (1, True)}
+
+
+def identity(node: Node, ctx: Context) -> Value | None:
+    """torch add/sub of 0, mul/div by 1 (a scalar argument, the tensor first) whose result
+    has the operand's type -> the operand."""
+    rule = _IDENTITIES.get(node.get("target"))
+    args = node.get("args")
+    if rule is None or len(node.inputs) != 1 or node.get("kwargs") or len(args) != 2:
+        return None
+    unit, floats_too = rule
+    first, other = args
+    if not isinstance(first, Ref) or first.index != 0 or isinstance(other, bool) or not isinstance(other, (int, float)):
+        return None
+    if other != unit or (node.types[0].dtype.is_float and not floats_too):
         return None
     return node.inputs[0] if _same_type(node) else None
 
@@ -156,6 +179,7 @@ def gqa(node: Node, ctx: Context) -> Node | None:
 
 
 RULES: list[tuple[str, Rule]] = [
+    ("torch", identity),
     ("cast", noop),
     ("reshape", noop),
     ("expand", noop),

@@ -64,7 +64,7 @@ def assert_same_function(before: Graph, after: Graph, sizes_list) -> None:
 
 
 def test_golden_cases_exist():
-    assert {"noop", "rms_norm", "rope", "gqa"} <= set(CASES)
+    assert {"noop", "rms_norm", "rope", "gqa", "identity", "near_miss_identity"} <= set(CASES)
     assert sum(c.startswith("near_miss") for c in CASES) >= 3
 
 
@@ -103,6 +103,8 @@ def test_golden_rewrites_what_it_says():
     assert norm.loc == "model.norm"
     rope = after("rope").op_counts()
     assert rope.get("rope") == 2 and "cat" not in rope and "torch:aten.neg.default" not in rope
+    ident = after("identity")
+    assert [n.op for n in ident.nodes] == ["torch", "unsqueeze"]  # arange, then unsqueeze: + 0, - 0, * 1.0, / 1 gone
     gqa = after("gqa")
     heads = [n.inputs[1].type.shape[1] for n in gqa.nodes if n.op == "attention"]
     assert heads == [2, 2] and not {"expand", "reshape", "unsqueeze", "slice"} & set(gqa.op_counts())
