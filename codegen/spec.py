@@ -112,6 +112,15 @@ def _layout(v: Any) -> Layout:
     return parse_layout(v) if isinstance(v, str) else v
 
 
+def _scalar(v: Any) -> Any:
+    """An option value: a JSON scalar, or a tuple of them (lists become tuples, to hash)."""
+    if isinstance(v, (list, tuple)):
+        return tuple(_scalar(x) for x in v)
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise ValueError(f"an option must be a bool, int, float, str or a list of them, got {v!r}")
+
+
 def _dtype(v: Any) -> str:
     return DType.parse(str(v)).name
 
@@ -130,6 +139,9 @@ class KernelSpec:
     dtypes: tuple[tuple[str, str], ...]
     epilogue: tuple[str, ...] = ()
     tiles: tuple[Tiles, ...] = ()
+    #: Family-specific scalars by name (JSON bool / int / float / str): a norm's kind and
+    #: eps, channel slice bounds, ... Sorted pairs like the role-keyed fields.
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -140,6 +152,7 @@ class KernelSpec:
         set_(self, "layouts", _pairs(self.layouts, "layouts", _layout))
         set_(self, "dtypes", _pairs(self.dtypes, "dtypes", _dtype))
         set_(self, "epilogue", tuple(self.epilogue))
+        set_(self, "options", _pairs(self.options, "options", _scalar))
         set_(self, "tiles", tuple(Tiles(**t) if isinstance(t, Mapping) else t for t in self.tiles))
         for role, f in self.formats:
             if not isinstance(f, (IntFormat, FloatFormat)):
@@ -187,6 +200,10 @@ class KernelSpec:
                 return v
         raise KeyError(f"{self.family} spec has no {what} {name!r}; it has {[k for k, _ in pairs]}")
 
+    def option(self, name: str, default: Any = None) -> Any:
+        """The option `name`, or `default` when the spec does not set it."""
+        return next((v for k, v in self.options if k == name), default)
+
     def tiles_for(self, m: int) -> Tiles:
         """The tile configuration for a run with `m` rows: the first whose max_m >= m."""
         return next(t for t in self.tiles if t.max_m is None or m <= t.max_m)
@@ -204,6 +221,7 @@ class KernelSpec:
             "dtypes": dict(self.dtypes),
             "epilogue": list(self.epilogue),
             "tiles": [t.to_dict() for t in self.tiles],
+            "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.options},
         }
 
     def to_json(self) -> str:
@@ -228,7 +246,8 @@ class KernelSpec:
             tiles = tuple(Tiles(**t) for t in d["tiles"])
         except TypeError as e:
             raise ValueError(f"kernel spec: malformed tiles {d['tiles']!r}: {e}") from None
-        return KernelSpec(d["family"], d["dims"], d["formats"], d["layouts"], d["dtypes"], tuple(d["epilogue"]), tiles)
+        return KernelSpec(d["family"], d["dims"], d["formats"], d["layouts"], d["dtypes"], tuple(d["epilogue"]), tiles,
+                          d.get("options", {}))
 
     def key(self) -> str:
         """sha256 (hex) of the canonical JSON text."""
@@ -238,7 +257,8 @@ class KernelSpec:
         dims = ",".join(f"{k}={v}" for k, v in self.dims)
         fmts = ",".join(f"{k}={v}" for k, v in self.formats)
         epi = f" +{'+'.join(self.epilogue)}" if self.epilogue else ""
-        return f"{self.family}[{dims} {fmts}{epi}]"
+        opts = "".join(f" {k}={v}" for k, v in self.options)
+        return f"{self.family}[{dims} {fmts}{epi}{opts}]"
 
     # ------------------------------------------------------------------ constructors
 
