@@ -20,7 +20,11 @@ this order, so a linear claimed by a SwiGLU is not also a GEMM of its own):
 - `act_quant` at a reorder `gather` (const index, last axis) read only by quantizes, directly
   or through channel slices (the attention output before a reordered `o_proj`): the gather
   becomes the quantize kernel's load order, never a pass of its own over memory;
-- `rope_kv` at `rope`: the rope and the (KV-cache) `quantize`s of its result, likewise.
+- `attention` at `attention` whose keys or values are a `dequantize` of run-time codes (a
+  quantized KV cache) that only it reads: the attention and those dequantizes (the kernel
+  dequantizes as it loads);
+- `rope_kv` at `rope`: the rope and the (KV-cache) `quantize`s of its result, with the
+  `dequantize` that reads each unless an attention group took it.
 
 A node joins at most one group; `const` nodes never join (weights stay operands of the fused
 node). A group, and each optional step that extends it, must be contractible: no path may
@@ -61,7 +65,7 @@ from ..ir import Graph, Node, Value, dims_equal
 from ..ir.ops import quant_parts
 
 #: The kinds of group, in the order they are formed.
-KINDS = ("swiglu", "dequant_gemm", "norm_quant", "act_quant", "rope_kv")
+KINDS = ("swiglu", "dequant_gemm", "norm_quant", "act_quant", "attention", "rope_kv")
 #: The GEMMs groups are formed around: a float or dequantized-weight `linear`, and `qlinear`
 #: (quantized activation and weight, scales in the epilogue: the fold pass forms it).
 GEMMS = ("linear", "qlinear")
@@ -210,8 +214,27 @@ def dequant_gemm(node: Node, ctx: Context) -> Candidate | None:
 
 
 def _quantize_step(q: Node, ctx: Context) -> list[Node]:
-    """A quantize and the dequantizes that read all of its results."""
-    return [q, *(d for d in ctx.users.get(q, ()) if d.op == "dequantize" and d.inputs == q.outs)]
+    """A quantize and the dequantizes that read all of its results, but for those that only
+    an `attention` reads: the attention kernel dequantizes its KV cache as it loads it."""
+    return [q, *(d for d in ctx.users.get(q, ()) if d.op == "dequantize" and d.inputs == q.outs and not _kv_load(d, ctx))]
+
+
+def _kv_load(d: Node, ctx: Context) -> bool:
+    """Whether `d` dequantizes run-time codes (one `quantize`'s results) that only an
+    `attention` reads, as its keys or values."""
+    reader = ctx.sole_reader(d)
+    q = d.inputs[0].node
+    return (reader is not None and reader.op == "attention" and d.out in reader.inputs[1:3]
+            and q.op == "quantize" and d.inputs == q.outs)
+
+
+def kv_attention(node: Node, ctx: Context) -> Candidate | None:
+    """attention and the dequantizes of its quantized keys / values (the KV cache): the
+    kernel reads codes and scales and dequantizes as it loads."""
+    loads = [v.node for v in node.inputs[1:3] if v.node.op == "dequantize" and _kv_load(v.node, ctx)]
+    if not loads:
+        return None
+    return Candidate("attention", node, [*dict.fromkeys(loads), node])
 
 
 def _quantize_steps(node: Node, ctx: Context) -> list[list[Node]]:
@@ -272,6 +295,7 @@ PATTERNS: list[tuple[str, tuple[str, ...], Pattern]] = [
     ("dequant_gemm", GEMMS, dequant_gemm),
     ("norm_quant", ("rms_norm", "layer_norm"), norm_quant),
     ("act_quant", ("gather",), act_quant),
+    ("attention", ("attention",), kv_attention),
     ("rope_kv", ("rope",), rope_kv),
 ]
 

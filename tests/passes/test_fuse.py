@@ -168,10 +168,11 @@ def test_golden_fuses_what_it_says():
     ]
     assert [str(t.dtype) for t in folded.nodes[1].types] == ["int8<sym,token>", "f32"] * 2
     rope = golden("rope_kv", "after")
-    assert regions(rope) == [("rope_kv", ["rope", "quantize", "dequantize"])]
+    # the attention kernel dequantizes the KV cache as it loads it: keys from the rope group's codes
+    assert regions(rope) == [("rope_kv", ["rope", "quantize"]), ("attention", ["dequantize", "dequantize", "attention"])]
     attention = rope.nodes[-1]
-    assert attention.op == "attention" and attention.inputs[1].node.op == "fused"
-    assert [v.node.op for v in attention.inputs] == ["rope", "fused", "dequantize"]
+    assert attention.op == "fused" and [v.node.op for v in attention.inputs] == ["fused", "fused", "quantize", "quantize", "rope"]
+    assert [str(v.type.dtype) for v in attention.inputs[:4]] == ["int8<sym,token>", "f32"] * 2  # codes and scales
 
 
 def test_fused_node_holds_no_const_and_keeps_locations():
@@ -204,7 +205,7 @@ def test_would_be_cycle_is_the_only_obstacle():
 
 def test_meta_records_the_groups():
     g = fuse(with_random_weights(golden("swiglu")))
-    assert g.meta["fused"] == {"swiglu": 1, "dequant_gemm": 1, "norm_quant": 1, "act_quant": 0, "rope_kv": 0}
+    assert g.meta["fused"] == {"swiglu": 1, "dequant_gemm": 1, "norm_quant": 1, "act_quant": 0, "attention": 0, "rope_kv": 0}
     assert fuse(with_random_weights(golden("swiglu")), groups=["rope_kv", "swiglu"]).meta["fused"] == {"swiglu": 1, "rope_kv": 0}
 
 
@@ -224,7 +225,7 @@ def test_groups_switch_kinds_off():
     assert str(fuse(before, groups="dequant_gemm")) == str(only_gemm)
     with pytest.raises(ValueError, match=r"unknown fusion group kind\(s\) \['gemm'\]; expected some of"):
         fuse(before, groups=("gemm",))
-    assert set(KINDS) == {"norm_quant", "act_quant", "dequant_gemm", "swiglu", "rope_kv"}
+    assert set(KINDS) == {"norm_quant", "act_quant", "dequant_gemm", "swiglu", "attention", "rope_kv"}
 
 
 # --------------------------------------------------------------------------- the region's text form
@@ -356,7 +357,7 @@ def inner_nodes(graph: Graph) -> list[tuple[str, Node]]:
 def test_tiny_llama_groups(tiny_llama, quantized, fused, form):
     before, after = quantized[form], fused[form]
     assert tiny_llama.config.num_hidden_layers == LAYERS
-    assert after.meta["fused"] == {"swiglu": LAYERS, "dequant_gemm": 5 * LAYERS + 1, "norm_quant": 2 * LAYERS + 1, "act_quant": 0, "rope_kv": LAYERS}
+    assert after.meta["fused"] == {"swiglu": LAYERS, "dequant_gemm": 5 * LAYERS + 1, "norm_quant": 2 * LAYERS + 1, "act_quant": 0, "attention": LAYERS, "rope_kv": LAYERS}
     gemm = "qlinear" if form == "compiled" else "linear"
     assert before.op_counts()[gemm] == 7 * LAYERS + 1 and not {"linear", "qlinear"} - {gemm} & set(before.op_counts())
     outer = after.op_counts()
@@ -385,9 +386,11 @@ def test_tiny_llama_groups(tiny_llama, quantized, fused, form):
             n = 3 if node.loc.endswith("input_layernorm") else 2 if node.loc.endswith("post_attention_layernorm") else 1
             n = n if form == "unfolded" else 1  # fold merged the copies: one quantize per activation
             assert ops == ["rms_norm"] + (["quantize"] + adq) * n, (node.loc, ops)
-        else:
-            assert ops == ["rope", "quantize", "dequantize"]
-            assert all(r.op == "attention" and r.inputs[1] == node.out for r in after.users()[node])
+        elif kind == "rope_kv":  # the keys' codes and scales go to the attention kernel
+            assert ops == ["rope", "quantize"]
+            assert all(r.op == "fused" and r.get("kind") == "attention" for r in after.users()[node])
+        else:  # attention, dequantizing the keys and values as it loads them
+            assert kind == "attention" and ops == ["dequantize", "dequantize", "attention"], (kind, ops)
     # the input graph is left as it was
     assert "fused" not in before.op_counts() and "fused" not in before.meta
 
