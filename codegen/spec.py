@@ -39,6 +39,7 @@ EPILOGUE_STEPS = {
     "gelu": "0.5 x (1 + erf(x / sqrt 2))",
     "gelu_tanh": "0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))",
     "residual": "+ residual[M, N]",
+    "mul": "* multiplier[M, N] (elementwise: SwiGLU's up projection times silu(gate))",
 }
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 #: M classes: a tile configuration serves M up to its `max_m` (None: any M). Small M is

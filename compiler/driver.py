@@ -48,16 +48,19 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     `example_inputs`: a tensor, a tuple of positional arguments or a dict of keyword
     arguments (default for Hugging Face models: random `input_ids` of shape [2, 16]).
     `dynamic_shapes`: passed to `torch.export` (default: dims 0 and 1 of every input vary).
-    `backend`: one of `mxc.runtime.BACKENDS`. `dump_ir`: a directory for `NN-pass.mxir`
-    dumps (default: the `MXC_DUMP_IR` flag). `debug`: verify the IR after every pass and
+    `backend`: one of `mxc.runtime.BACKENDS`, or "auto": "triton" when torch sees a CUDA GPU,
+    else "reference" (a warning says which, once per process). `dump_ir`: a directory for
+    `NN-pass.mxir` dumps (default: the `MXC_DUMP_IR` flag). `debug`: verify the IR after every pass and
     check every node's result shape at run time (default: the `MXC_DEBUG` flag).
     `calibration`: a tokenizer (windows of real text are cut from `mxc.eval.default_text()`,
     never overlapping the perplexity windows) or a list of token-id tensors; it enables GPTQ
     and the clipping search of plans whose method is "auto".
     """
     plan = None if plan is None else Plan.coerce(plan)
+    if backend == "auto":
+        backend = auto_backend()
     if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)} or auto")
     debug = flags.DEBUG.get() if debug is None else debug
     captured = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
     if plan is None:
@@ -94,6 +97,16 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         result = run_pipeline(captured.graph, names, options=options, verify=debug, dump_dir=dump_ir)
     executor = BACKENDS[backend](result.graph, device=device, check_shapes=debug)
     return CompiledModel(result.graph, captured.call_spec, executor, backend, result.timings, plan, pipeline)
+
+
+def auto_backend() -> str:
+    """The backend "auto" stands for: "triton" when `torch.cuda.is_available()`, else
+    "reference". Warns which it picked: the same text from the same line (in `compile`) each
+    time, so Python's default warning filter shows it once per process."""
+    picked = "triton" if torch.cuda.is_available() else "reference"
+    why = "a CUDA GPU is available" if picked == "triton" else "no CUDA GPU is available"
+    warnings.warn(f"backend 'auto' picked {picked!r}: {why}", stacklevel=2)
+    return picked
 
 
 def calibration_inputs(calibration: Any, spec: CallSpec) -> list[list[torch.Tensor]]:

@@ -302,13 +302,13 @@ def load(path: str | os.PathLike, device: torch.device | str | None = None, back
     from ..compiled import CompiledModel
     from ..plan import Plan
     from ..signature import CallSpec
-    from . import BACKENDS
+    from . import BACKENDS, unavailable
 
     info = check_artifact(path)
     root, manifest = info.path, info.manifest
     saved = manifest["target"].get("backend")
     if backend is None:
-        backend = saved if saved in BACKENDS else "reference"
+        backend = saved if saved in BACKENDS and unavailable(saved) is None else "reference"
         if backend != saved:
             info.notes.append(f"saved for backend {saved!r}, which is not available here; running on 'reference'")
     elif backend not in BACKENDS:

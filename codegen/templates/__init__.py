@@ -9,10 +9,15 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import dequant_gemm
+from . import qgemm
+from . import norm_quant, rope_kv
+from . import attention
 
 #: Kernel family -> template module. Families listed in `mxc.codegen.spec.FAMILIES` but not
 #: here have no template yet; `template` names them in its error.
-TEMPLATES: dict[str, ModuleType] = {dequant_gemm.FAMILY: dequant_gemm}
+TEMPLATES: dict[str, ModuleType] = {dequant_gemm.FAMILY: dequant_gemm, qgemm.FAMILY: qgemm}
+TEMPLATES.update({norm_quant.FAMILY: norm_quant, rope_kv.FAMILY: rope_kv})
+TEMPLATES[attention.FAMILY] = attention
 
 
 def template(family: str) -> ModuleType:

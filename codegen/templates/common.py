@@ -131,16 +131,30 @@ EPILOGUE_CODE = {
         "acc = acc + tl.load(res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, "
         "mask=mask, other=0.0).to(tl.float32)"
     ),
+    "mul": (
+        "acc = acc * tl.load(mul_ptr + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn, "
+        "mask=mask, other=0.0).to(tl.float32)"
+    ),
 }
+#: The `_epilogue` parameters a step needs beyond the fixed ones, appended in this order.
+EPILOGUE_PARAMS = {"mul": ("mul_ptr", "stride_mm", "stride_mn")}
+
+
+def epilogue_params(steps: tuple[str, ...]) -> str:
+    """The `_epilogue` parameters after `stride_rn` that `steps` need, each after ", "
+    ("" when none does): a template appends this text to its `_epilogue(...)` calls, whose
+    kernels name those arguments alike (today only "mul": `mul_ptr, stride_mm, stride_mn`)."""
+    return "".join(f", {p}" for s in steps for p in EPILOGUE_PARAMS.get(s, ()))
 
 
 def epilogue_source(steps: tuple[str, ...]) -> str:
-    """`_epilogue(acc, offs_m, offs_n, mask, bias_ptr, res_ptr, stride_rm, stride_rn)`: the
-    fused steps in order on the float32 accumulator tile (reads the global `N`)."""
+    """`_epilogue(acc, offs_m, offs_n, mask, bias_ptr, res_ptr, stride_rm, stride_rn)` (plus
+    `epilogue_params(steps)`): the fused steps in order on the float32 accumulator tile
+    (reads the global `N`)."""
     what = ", then ".join(steps) if steps else "nothing (no fused epilogue)"
     lines = "\n".join(indent(EPILOGUE_CODE[s]) for s in steps)
     return f'''@triton.jit
-def _epilogue(acc, offs_m, offs_n, mask, bias_ptr, res_ptr, stride_rm, stride_rn):
+def _epilogue(acc, offs_m, offs_n, mask, bias_ptr, res_ptr, stride_rm, stride_rn{epilogue_params(steps)}):
     """The fused epilogue on the float32 accumulator [BLOCK_M, BLOCK_N]: {what}."""
 {lines + chr(10) if lines else ""}    return acc
 '''

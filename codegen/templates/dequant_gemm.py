@@ -36,7 +36,7 @@ from ...ir.ops import scale_shape
 from ...ir.packing import packed_words
 
 from ..spec import KernelSpec
-from .common import code_constants, constants, decode_source, epilogue_source, load_codes_source
+from .common import code_constants, constants, decode_source, epilogue_params, epilogue_source, load_codes_source
 
 FAMILY = "dequant_gemm"
 X_DTYPES = ("f16", "f32")
@@ -149,6 +149,11 @@ def render(spec: KernelSpec) -> str:
         if "residual" in spec.epilogue
         else 'expect_none(KERNEL, "residual", residual, "the epilogue has no residual")'
     )
+    mul_check = (
+        f'expect(KERNEL, "multiplier", multiplier, (*lead, {n}), FLOATS, dev)'
+        if "mul" in spec.epilogue
+        else 'expect_none(KERNEL, "multiplier", multiplier, "the epilogue has no mul")'
+    )
     return _MODULE.substitute(
         title=f"{fmt} weight, y[M, {n}] = x[M, {k}] @ dequant(W)[{n}, {k}]^T"
         + (f", then {', '.join(spec.epilogue)}" if spec.epilogue else ""),
@@ -157,6 +162,7 @@ def render(spec: KernelSpec) -> str:
         load_codes=load_codes_source(fmt.bits),
         decode=decode_source(fmt),
         epilogue=epilogue_source(spec.epilogue),
+        epilogue_args=epilogue_params(spec.epilogue),
         dot_exact=dot_exact,
         out_tl=_TL[out_dt],
         configs=_configs(spec),
@@ -172,6 +178,7 @@ def render(spec: KernelSpec) -> str:
         global_check=global_check,
         bias_check=bias_check,
         res_check=res_check,
+        mul_check=mul_check,
     )
 
 
@@ -203,9 +210,9 @@ $epilogue
 # ---------------------------------------------------------------- kernels
 @triton.jit
 def dequant_gemm_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, global_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, global_ptr, bias_ptr, res_ptr, mul_ptr, out_ptr, part_ptr,
     M, stride_xm, stride_xk, stride_sn, stride_sg, stride_zn, stride_zg,
-    stride_rm, stride_rn, stride_om, stride_on,
+    stride_rm, stride_rn, stride_mm, stride_mn, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, SCALE_IN_ACC: tl.constexpr,
 ):
@@ -263,7 +270,7 @@ def dequant_gemm_kernel(
         acc = acc * (s.to(tl.float32) * glob)[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K == 1:
-        acc = _epilogue(acc, offs_m, offs_n, mask, bias_ptr, res_ptr, stride_rm, stride_rn)
+        acc = _epilogue(acc, offs_m, offs_n, mask, bias_ptr, res_ptr, stride_rm, stride_rn$epilogue_args)
         tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to($out_tl), mask=mask)
     else:
         rows = pid_k.to(tl.int64) * M + offs_m[:, None]
@@ -272,7 +279,7 @@ def dequant_gemm_kernel(
 
 @triton.jit
 def splitk_reduce_kernel(
-    part_ptr, bias_ptr, res_ptr, out_ptr, M, stride_rm, stride_rn, stride_om, stride_on,
+    part_ptr, bias_ptr, res_ptr, mul_ptr, out_ptr, M, stride_rm, stride_rn, stride_mm, stride_mn, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     """y tile (pid_m, pid_n) = epilogue(sum of the SPLIT_K partial sums), summed in split order."""
@@ -283,7 +290,7 @@ def splitk_reduce_kernel(
     for split in range(0, SPLIT_K):
         rows = split * M + offs_m[:, None].to(tl.int64)
         acc += tl.load(part_ptr + rows * N + offs_n[None, :], mask=mask, other=0.0)
-    acc = _epilogue(acc, offs_m, offs_n, mask, bias_ptr, res_ptr, stride_rm, stride_rn)
+    acc = _epilogue(acc, offs_m, offs_n, mask, bias_ptr, res_ptr, stride_rm, stride_rn$epilogue_args)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to($out_tl), mask=mask)
 
 
@@ -296,14 +303,15 @@ $configs
 SCALE_SHAPE = $scale_shape
 
 
-def launch(x, weight, scale, zero=None, global_scale=None, bias=None, residual=None, out=None):
+def launch(x, weight, scale, zero=None, global_scale=None, bias=None, residual=None, out=None, multiplier=None):
     """y[..., $n] = x[..., $k] @ dequant(weight)^T (+ the epilogue), into `out` (allocated
     when None) and returned.
 
     x: $x_torch [..., $k]; weight: int32 [$n, $words] ($fmt codes, $layout);
     scale: float32/float16 SCALE_SHAPE; zero: zero point codes (asymmetric integers only);
     global_scale: float32 [1] (two-level formats only); bias: [$n]; residual: [..., $n];
-    out: $out_torch [..., $n], contiguous. All on x's device."""
+    out: $out_torch [..., $n], contiguous; multiplier: [..., $n] (the "mul" step). All on
+    x's device."""
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise LaunchError(f"{KERNEL}: x must be a $x_torch tensor [..., $k], got {x!r:.80}")
     lead = tuple(x.shape[:-1])
@@ -316,6 +324,7 @@ def launch(x, weight, scale, zero=None, global_scale=None, bias=None, residual=N
     $global_check
     $bias_check
     $res_check
+    $mul_check
     if out is None:
         out = torch.empty((*lead, $n), dtype=$out_torch, device=dev)
     else:
@@ -326,6 +335,7 @@ def launch(x, weight, scale, zero=None, global_scale=None, bias=None, residual=N
     x2 = x.reshape(m, $k)
     out2 = out.view(m, $n)
     res2 = residual.reshape(m, $n) if residual is not None else None
+    mul2 = multiplier.reshape(m, $n) if multiplier is not None else None
     scale2 = scale.expand($n, SCALE_SHAPE[1])  # a per-tensor [1, 1] scale: stride 0 over rows
     zero2 = zero.expand($n, SCALE_SHAPE[1]) if zero is not None else None
     cfg = next(c for c in CONFIGS if c["MAX_M"] is None or m <= c["MAX_M"])
@@ -333,10 +343,11 @@ def launch(x, weight, scale, zero=None, global_scale=None, bias=None, residual=N
     part = torch.empty((split, m, $n), dtype=torch.float32, device=dev) if split > 1 else None
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv($n, cfg["BLOCK_N"]), split)
     dequant_gemm_kernel[grid](
-        x2, weight, scale2, zero2, global_scale, bias, res2, out2, part,
+        x2, weight, scale2, zero2, global_scale, bias, res2, mul2, out2, part,
         m, x2.stride(0), x2.stride(1), scale2.stride(0), scale2.stride(1),
         zero2.stride(0) if zero2 is not None else 0, zero2.stride(1) if zero2 is not None else 0,
         res2.stride(0) if res2 is not None else 0, res2.stride(1) if res2 is not None else 0,
+        mul2.stride(0) if mul2 is not None else 0, mul2.stride(1) if mul2 is not None else 0,
         out2.stride(0), out2.stride(1),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
         TILES_PER_SPLIT=cfg["TILES_PER_SPLIT"], SCALE_IN_ACC=cfg["SCALE_IN_ACC"],
@@ -344,8 +355,9 @@ def launch(x, weight, scale, zero=None, global_scale=None, bias=None, residual=N
     )
     if split > 1:
         splitk_reduce_kernel[grid[:2]](
-            part, bias, res2, out2, m,
+            part, bias, res2, mul2, out2, m,
             res2.stride(0) if res2 is not None else 0, res2.stride(1) if res2 is not None else 0,
+            mul2.stride(0) if mul2 is not None else 0, mul2.stride(1) if mul2 is not None else 0,
             out2.stride(0), out2.stride(1),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split,
             num_warps=cfg["num_warps"],

@@ -241,6 +241,53 @@ def test_empty_m():
     assert y.shape == (0, 33) and y.dtype == torch.float32
 
 
+@pytest.mark.parametrize(
+    "fmt, m, epilogue",
+    [
+        ("int4<asym,g32>", 1, ("mul",)),
+        ("fp4e2m1<g64>", 3, ("silu", "mul")),
+        ("int3<sym,channel>", 17, ("bias", "mul")),
+        ("nvfp4", 64, ("silu", "mul")),
+        ("int6<asym,g48>", 3, ("gelu", "mul", "residual")),
+    ],
+)
+def test_mul_epilogue(fmt, m, epilogue):
+    """The "mul" step multiplies the tile elementwise by an [M, N] operand (`multiplier`),
+    in the epilogue's order, in both M classes (split-K: the reduce kernel applies it).
+    Tolerance: the module's bound for the steps before "mul", scaled by |multiplier|, plus
+    1e-6 of |reference| for the product itself."""
+    c = case(fmt, m, m=m, k=100, n=40, x="f32", out="f32", epilogue=tuple(s for s in epilogue if s != "mul"))
+    fmt_, q, packed, x, bias, res = make_inputs(c)
+    mult = torch.randn(m, 40, generator=torch.Generator().manual_seed(m)) * 3
+    spec = KernelSpec.dequant_gemm(40, 100, fmt_, x_dtype="f32", out_dtype="f32", epilogue=epilogue)
+    y = load(spec).launch(x, packed, q.scale, q.zero, q.global_scale, bias=bias, residual=res, multiplier=mult)
+    before = tuple(epilogue[: epilogue.index("mul")])
+    pre, ref, bound = reference(fmt_, q, x, bias, None, before)
+    ref = ref * mult
+    lip = 1.2 if any(s in ("silu", "gelu") for s in before) else 1.0
+    allowed = (1e-5 * lip * bound + 1e-6 * (pre.abs() + (ref / mult).abs())) * mult.abs() + 1e-6 * ref.abs()
+    if "residual" in epilogue:
+        ref = ref + res
+        allowed = allowed + 1e-6 * ref.abs()
+    err = (y - ref).abs()
+    assert (err <= allowed + 1e-30).all(), f"{fmt} m={m} {epilogue}: max error {err.max().item():.3g}"
+
+
+def test_mul_epilogue_composes_swiglu():
+    """SwiGLU as two kernels: gate with "silu", then up with "mul" by the gate's output, equals
+    silu(x @ Wg^T) * (x @ Wu^T) in fp32 (different formats for the two weights)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 72, generator=g)
+    fg, fu = parse_format("int2<sym,g32>"), parse_format("fp6e2m3<channel>")
+    qg, qu = fg.quantize(torch.randn(100, 72, generator=g)), fu.quantize(torch.randn(100, 72, generator=g))
+    wg, wu = (pack(to_codes(q.codes, f), Layout(bits=f.bits, axis=1)) for q, f in ((qg, fg), (qu, fu)))
+    gate = load(KernelSpec.dequant_gemm(100, 72, fg, x_dtype="f32", epilogue=("silu",))).launch(x, wg, qg.scale)
+    y = load(KernelSpec.dequant_gemm(100, 72, fu, x_dtype="f32", epilogue=("mul",))).launch(
+        x, wu, qu.scale, multiplier=gate)
+    ref = F.silu(F.linear(x, fg.dequantize(qg))) * F.linear(x, fu.dequantize(qu))
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 class TestLaunchErrors:
     """Bad arguments fail before any kernel runs, naming the argument, what was expected
     and what came."""
@@ -293,6 +340,17 @@ class TestLaunchErrors:
         with pytest.raises(LaunchError, match=r"takes no global_scale \(int3<asym,g32> has no global scale\)"):
             mod.launch(x, packed, q.scale, q.zero, torch.ones(1), bias=bias)
 
+    def test_multiplier(self, kit):
+        mod, q, packed, x, bias = kit
+        with pytest.raises(LaunchError, match=r"takes no multiplier \(the epilogue has no mul\)"):
+            mod.launch(x, packed, q.scale, q.zero, bias=bias, multiplier=torch.ones(3, 40))
+        fmt = parse_format("int3<asym,g32>")
+        mul = load(KernelSpec.dequant_gemm(40, 100, fmt, x_dtype="f16", epilogue=("mul",)))
+        with pytest.raises(LaunchError, match=r"multiplier must be a tensor: float32 or float16 \[3, 40\]"):
+            mul.launch(x, packed, q.scale, q.zero)
+        with pytest.raises(LaunchError, match=r"multiplier must be float32 or float16 \[3, 40\].*got float32 \[40\]"):
+            mul.launch(x, packed, q.scale, q.zero, multiplier=torch.ones(40))
+
     def test_out_dtype(self, kit):
         mod, q, packed, x, bias = kit
         with pytest.raises(LaunchError, match=r"out must be float16 \[3, 40\].*got float32 \[3, 40\]"):
@@ -339,12 +397,13 @@ _SM90 = textwrap.dedent(
                         zero_ptr=f32 if mod.HAS_ZERO.value else None, global_ptr=f32 if mod.HAS_GLOBAL.value else None,
                         bias_ptr=torch.float16 if "bias" in spec.epilogue else None,
                         res_ptr=f32 if "residual" in spec.epilogue else None,
+                        mul_ptr=f32 if "mul" in spec.epilogue else None,
                         out_ptr=xd[spec.dtype("out")], part_ptr=f32 if split > 1 else None)
             ints = {name: "i32" for name in mod.dequant_gemm_kernel.arg_names if name == "M" or name.startswith("stride")}
             keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "TILES_PER_SPLIT", "SCALE_IN_ACC")
             assert build(mod.dequant_gemm_kernel, {**ptrs, **ints}, {k: cfg[k] for k in keys}, cfg) > 0
             if split > 1:
-                red = {k: ptrs[k] for k in ("bias_ptr", "res_ptr", "out_ptr")}
+                red = {k: ptrs[k] for k in ("bias_ptr", "res_ptr", "mul_ptr", "out_ptr")}
                 red["part_ptr"] = f32
                 ints = {name: "i32" for name in mod.splitk_reduce_kernel.arg_names if name == "M" or name.startswith("stride")}
                 consts = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "SPLIT_K")}
@@ -364,7 +423,7 @@ def test_compiles_for_sm90(tmp_path):
     specs = [
         KernelSpec.dequant_gemm(4096, 4096, "int4<sym,g128>", x_dtype="f16", epilogue=("bias", "silu", "residual")),
         KernelSpec.dequant_gemm(4096, 11008, "int3<asym,g64>", x_dtype="f32", out_dtype="f16", epilogue=("gelu",)),
-        KernelSpec.dequant_gemm(1000, 4096, "fp8e5m2<g32>", x_dtype="f16"),
+        KernelSpec.dequant_gemm(1000, 4096, "fp8e5m2<g32>", x_dtype="f16", epilogue=("mul",)),
         KernelSpec.dequant_gemm(4096, 4096, "fp8e4m3<channel>", x_dtype="f16", epilogue=("gelu_tanh",)),
         KernelSpec.dequant_gemm(4096, 4096, "nvfp4", x_dtype="f16"),
         KernelSpec.dequant_gemm(4096, 4000, "int6<sym,g100>", x_dtype="f16"),

@@ -222,13 +222,21 @@ class TestEmit:
             (lambda: spec(layout="packed<bits=4,word=i32,axis=0>"), "natural order"),
             (lambda: spec(x_dtype="bf16"), "x must be one of f16, f32, got bf16"),
             (lambda: spec(out_dtype="i8"), "out must be one of f16, f32, got i8"),
-            (lambda: replace(spec(), family="qgemm"), "no Triton template for kernel family 'qgemm'"),
+            (lambda: replace(spec(), family="qgemm"), r"a qgemm spec has formats \['act', 'weight'\], got \['weight'\]"),
             (lambda: replace(spec(), dims=(("k", 8), ("m", 8), ("n", 8))), r"has dims \['k', 'n'\]"),
         ],
     )
     def test_unsupported_specs(self, build, message):
         with pytest.raises(ValueError, match=message):
             emit(build())
+
+
+def test_a_family_without_a_template_is_named(monkeypatch):
+    from mxc.codegen import templates
+
+    monkeypatch.delitem(templates.TEMPLATES, "qgemm")
+    with pytest.raises(ValueError, match=r"no Triton template for kernel family 'qgemm' yet; templates exist for dequant_gemm"):
+        emit(replace(spec(), family="qgemm"))
 
 
 # ---------------------------------------------------------------- cache
