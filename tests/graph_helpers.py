@@ -1,13 +1,14 @@
-"""Graph helpers shared by the tests of passes that read activation statistics (smooth,
-reorder): a graph with its own side table, its const-weight linears, and their inputs'
-per-channel abs-max measured independently of the calibrate pass."""
+"""Graph helpers shared by the tests: a graph with its own side table, its const-weight
+linears and their inputs' per-channel abs-max measured independently of the calibrate pass
+(smooth, reorder), and random weights for a quantized graph (fuse, the kernel backend)."""
 
 from __future__ import annotations
 
 import torch
 
 from mxc.ir import Graph
-from mxc.passes.quantize import layer_path
+from mxc.ir.ops import quant_parts
+from mxc.passes.quantize import layer_path, quantize_weight
 from mxc.runtime import ReferenceExecutor
 
 
@@ -30,3 +31,29 @@ def input_amax(graph: Graph, batches) -> dict[str, torch.Tensor]:
             m = t.reshape(-1, t.shape[-1]).abs().amax(0)
             amax[v] = m if v not in amax else torch.maximum(amax[v], m)
     return {layer_path(n, n.inputs[1].node): amax[n.inputs[0]] for n in linears(graph)}
+
+
+def with_random_weights(graph: Graph, seed: int = 0) -> Graph:
+    """Float consts get normal values; the quantized consts a `dequantize` or a `qlinear`
+    reads get the parts of a round-to-nearest quantization of a random tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for n in graph.nodes:
+        if n.op == "dequantize" and all(v.node.op == "const" for v in n.inputs):
+            fmt, consts = n.get("format"), n.inputs
+        elif n.op == "qlinear":
+            fmt, na = n.get("weight"), len(quant_parts(n.get("act")))
+            consts = n.inputs[na : na + len(quant_parts(fmt))]
+        else:
+            continue
+        w = torch.randn(consts[0].type.shape, generator=gen)
+        parts, _ = quantize_weight(w, fmt, method="rtn", clip_search=False, hessian=None)
+        weights.update((v.node.get("name"), parts[p]) for v, p in zip(consts, quant_parts(fmt)))
+    for n in graph.nodes:
+        if n.op == "const" and n.get("name") not in weights:
+            t = n.types[0]
+            if t.dtype.kind == "int":  # a reorder gather's index: a permutation of the channels
+                weights[n.get("name")] = torch.randperm(t.shape[0], generator=gen)
+            else:
+                weights[n.get("name")] = torch.randn(t.shape, generator=gen)
+    return graph.replace(weights=weights)

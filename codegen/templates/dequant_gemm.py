@@ -36,13 +36,14 @@ from ...ir.ops import scale_shape
 from ...ir.packing import packed_words
 
 from ..spec import KernelSpec
-from .common import code_constants, constants, decode_source, epilogue_params, epilogue_source, load_codes_source
+from .common import (
+    TL_DTYPES, TORCH_DTYPES, cdiv, code_constants, configs_source, constants, decode_source, epilogue_checks,
+    epilogue_source, gemm_tail_source, load_codes_source, splitk_reduce_source,
+)
 
 FAMILY = "dequant_gemm"
 X_DTYPES = ("f16", "f32")
 OUT_DTYPES = ("f16", "f32")
-_TORCH = {"f16": "torch.float16", "f32": "torch.float32"}
-_TL = {"f16": "tl.float16", "f32": "tl.float32"}
 
 
 def check(spec: KernelSpec) -> None:
@@ -80,26 +81,17 @@ def _group(spec: KernelSpec) -> int:
     return k if block is None else min(block, k)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _configs(spec: KernelSpec) -> str:
     """The launch configurations, one line per M class: the spec's tiles plus what follows
     from them, the K tiles each split runs and whether scales multiply partial sums
     (`SCALE_IN_ACC`: every K tile inside one scale group)."""
     k, group = spec.dim("k"), _group(spec)
     one_group = group >= k
-    lines = []
-    for t in spec.tiles:
-        tiles_per_split = _cdiv(_cdiv(k, t.block_k), t.split_k)
-        in_acc = one_group or group % t.block_k == 0
-        lines.append(
-            f"    dict(MAX_M={t.max_m!r}, BLOCK_M={t.block_m}, BLOCK_N={t.block_n}, BLOCK_K={t.block_k}, "
-            f"SPLIT_K={t.split_k}, TILES_PER_SPLIT={tiles_per_split}, SCALE_IN_ACC={in_acc}, "
-            f"num_warps={t.num_warps}, num_stages={t.num_stages}),"
-        )
-    return "\n".join(lines)
+    return configs_source([
+        (t, {"TILES_PER_SPLIT": cdiv(cdiv(k, t.block_k), t.split_k),
+             "SCALE_IN_ACC": one_group or group % t.block_k == 0})
+        for t in spec.tiles
+    ])
 
 
 def render(spec: KernelSpec) -> str:
@@ -139,21 +131,6 @@ def render(spec: KernelSpec) -> str:
         if has_global
         else f'expect_none(KERNEL, "global_scale", global_scale, "{fmt} has no global scale")'
     )
-    bias_check = (
-        f'expect(KERNEL, "bias", bias, ({n},), FLOATS, dev)'
-        if "bias" in spec.epilogue
-        else 'expect_none(KERNEL, "bias", bias, "the epilogue has no bias")'
-    )
-    res_check = (
-        f'expect(KERNEL, "residual", residual, (*lead, {n}), FLOATS, dev)'
-        if "residual" in spec.epilogue
-        else 'expect_none(KERNEL, "residual", residual, "the epilogue has no residual")'
-    )
-    mul_check = (
-        f'expect(KERNEL, "multiplier", multiplier, (*lead, {n}), FLOATS, dev)'
-        if "mul" in spec.epilogue
-        else 'expect_none(KERNEL, "multiplier", multiplier, "the epilogue has no mul")'
-    )
     return _MODULE.substitute(
         title=f"{fmt} weight, y[M, {n}] = x[M, {k}] @ dequant(W)[{n}, {k}]^T"
         + (f", then {', '.join(spec.epilogue)}" if spec.epilogue else ""),
@@ -162,9 +139,9 @@ def render(spec: KernelSpec) -> str:
         load_codes=load_codes_source(fmt.bits),
         decode=decode_source(fmt),
         epilogue=epilogue_source(spec.epilogue),
-        epilogue_args=epilogue_params(spec.epilogue),
         dot_exact=dot_exact,
-        out_tl=_TL[out_dt],
+        tail=gemm_tail_source(spec.epilogue, TL_DTYPES[out_dt]),
+        splitk_reduce=splitk_reduce_source(spec.epilogue, TL_DTYPES[out_dt]),
         configs=_configs(spec),
         n=n,
         k=k,
@@ -172,13 +149,9 @@ def render(spec: KernelSpec) -> str:
         fmt=str(fmt),
         layout=str(spec.layout("weight")),
         scale_shape=repr(sshape),
-        x_torch=_TORCH[x_dt],
-        out_torch=_TORCH[out_dt],
-        zero_check=zero_check,
-        global_check=global_check,
-        bias_check=bias_check,
-        res_check=res_check,
-        mul_check=mul_check,
+        x_torch=TORCH_DTYPES[x_dt],
+        out_torch=TORCH_DTYPES[out_dt],
+        checks="\n    ".join([zero_check, global_check, *epilogue_checks(spec.epilogue, n)]),
     )
 
 
@@ -193,6 +166,9 @@ import triton
 import triton.language as tl
 
 from mxc.codegen.templates.checks import FLOATS, LaunchError, expect, expect_none
+from mxc.codegen.templates.launch import (
+    as_rows, output_tensor, pick_config, reduce_splitk, splitk_workspace, strides,
+)
 
 KERNEL = "$kernel_name"
 
@@ -268,37 +244,14 @@ def dequant_gemm_kernel(
     if ONE_GROUP:
         s = tl.load(scale_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
         acc = acc * (s.to(tl.float32) * glob)[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        acc = _epilogue(acc, offs_m, offs_n, mask, bias_ptr, res_ptr, stride_rm, stride_rn$epilogue_args)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to($out_tl), mask=mask)
-    else:
-        rows = pid_k.to(tl.int64) * M + offs_m[:, None]
-        tl.store(part_ptr + rows * N + offs_n[None, :], acc, mask=mask)
+$tail
 
 
-@triton.jit
-def splitk_reduce_kernel(
-    part_ptr, bias_ptr, res_ptr, mul_ptr, out_ptr, M, stride_rm, stride_rn, stride_mm, stride_mn, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """y tile (pid_m, pid_n) = epilogue(sum of the SPLIT_K partial sums), summed in split order."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for split in range(0, SPLIT_K):
-        rows = split * M + offs_m[:, None].to(tl.int64)
-        acc += tl.load(part_ptr + rows * N + offs_n[None, :], mask=mask, other=0.0)
-    acc = _epilogue(acc, offs_m, offs_n, mask, bias_ptr, res_ptr, stride_rm, stride_rn$epilogue_args)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to($out_tl), mask=mask)
+$splitk_reduce
 
 
 # ---------------------------------------------------------------- launch
-#: Tile configurations by M class: the first whose MAX_M >= M (None: any M) runs.
-CONFIGS = [
 $configs
-]
 #: The shape the scale (and zero point) tensors have.
 SCALE_SHAPE = $scale_shape
 
@@ -320,47 +273,26 @@ def launch(x, weight, scale, zero=None, global_scale=None, bias=None, residual=N
     expect(KERNEL, "weight", weight, ($n, $words), (torch.int32,), dev, contiguous=True,
            note="$fmt codes, $layout")
     expect(KERNEL, "scale", scale, SCALE_SHAPE, FLOATS, dev)
-    $zero_check
-    $global_check
-    $bias_check
-    $res_check
-    $mul_check
-    if out is None:
-        out = torch.empty((*lead, $n), dtype=$out_torch, device=dev)
-    else:
-        expect(KERNEL, "out", out, (*lead, $n), ($out_torch,), dev, contiguous=True)
+    $checks
+    out = output_tensor(KERNEL, out, (*lead, $n), $out_torch, dev)
     m = x.numel() // $k
     if m == 0:
         return out
     x2 = x.reshape(m, $k)
     out2 = out.view(m, $n)
-    res2 = residual.reshape(m, $n) if residual is not None else None
-    mul2 = multiplier.reshape(m, $n) if multiplier is not None else None
+    res2, mul2 = as_rows(residual, m, $n), as_rows(multiplier, m, $n)
     scale2 = scale.expand($n, SCALE_SHAPE[1])  # a per-tensor [1, 1] scale: stride 0 over rows
     zero2 = zero.expand($n, SCALE_SHAPE[1]) if zero is not None else None
-    cfg = next(c for c in CONFIGS if c["MAX_M"] is None or m <= c["MAX_M"])
-    split = cfg["SPLIT_K"]
-    part = torch.empty((split, m, $n), dtype=torch.float32, device=dev) if split > 1 else None
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv($n, cfg["BLOCK_N"]), split)
+    cfg = pick_config(CONFIGS, m)
+    part = splitk_workspace(cfg, m, $n, dev)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv($n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     dequant_gemm_kernel[grid](
         x2, weight, scale2, zero2, global_scale, bias, res2, mul2, out2, part,
-        m, x2.stride(0), x2.stride(1), scale2.stride(0), scale2.stride(1),
-        zero2.stride(0) if zero2 is not None else 0, zero2.stride(1) if zero2 is not None else 0,
-        res2.stride(0) if res2 is not None else 0, res2.stride(1) if res2 is not None else 0,
-        mul2.stride(0) if mul2 is not None else 0, mul2.stride(1) if mul2 is not None else 0,
-        out2.stride(0), out2.stride(1),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
+        m, *strides(x2), *strides(scale2), *strides(zero2), *strides(res2), *strides(mul2), *strides(out2),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
         TILES_PER_SPLIT=cfg["TILES_PER_SPLIT"], SCALE_IN_ACC=cfg["SCALE_IN_ACC"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if split > 1:
-        splitk_reduce_kernel[grid[:2]](
-            part, bias, res2, mul2, out2, m,
-            res2.stride(0) if res2 is not None else 0, res2.stride(1) if res2 is not None else 0,
-            mul2.stride(0) if mul2 is not None else 0, mul2.stride(1) if mul2 is not None else 0,
-            out2.stride(0), out2.stride(1),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split,
-            num_warps=cfg["num_warps"],
-        )
+    reduce_splitk(splitk_reduce_kernel, grid, cfg, m, part, bias, res2, mul2, out2)
     return out
 ''')

@@ -51,27 +51,13 @@ import numpy as np
 from ...ir import NumberFormat
 
 from ..spec import KernelSpec, Tiles
-from .common import constants
-from .quantize_source import (
-    QuantOut, block_source, check_format, format_source, grid_source, next_pow2, outputs_table,
-)
+from .common import indent
+from .quantize_source import QuantOut, check_format, next_pow2
+from .rows import check_row_spec, float_block, module_fields, quant_blocks, row_tiles
 
 FAMILY = "norm_quant"
 NORMS = ("rms", "layer", "none")
-X_DTYPES = ("f16", "f32")
-#: Channels per chunk at most (a [16, 512] float32 tile is 32 registers a thread at 8 warps).
-MAX_BLOCK_D = 512
-ROWS = 16
 OPTIONS = ("eps", "float_out", "gather", "has_bias", "has_weight", "norm", "ranges")
-_TORCH = {"f16": "torch.float16", "f32": "torch.float32"}
-_TL = {"f16": "tl.float16", "f32": "tl.float32"}
-
-
-def default_tiles(d: int) -> tuple[Tiles, ...]:
-    """One configuration for any M: 16 rows per program, chunks of next_pow2(D) channels up
-    to MAX_BLOCK_D (`block_k` is unused by row kernels)."""
-    block = min(MAX_BLOCK_D, max(16, next_pow2(d)))
-    return (Tiles(max_m=None, block_m=ROWS, block_n=block, block_k=16, num_warps=4 if block <= 256 else 8, num_stages=1),)
 
 
 def spec(
@@ -102,7 +88,7 @@ def spec(
     if norm != "none":
         options["eps"] = float(eps)
     s = KernelSpec(FAMILY, {"d": d}, {f"out{i}": f for i, f in enumerate(fmts)}, {}, {"x": x_dtype}, (),
-                   tiles if tiles is not None else default_tiles(d), options)
+                   tiles if tiles is not None else row_tiles(d), options)
     check(s)
     return s
 
@@ -115,24 +101,11 @@ def quant_outputs(spec: KernelSpec) -> list[QuantOut]:
 
 def check(spec: KernelSpec) -> None:
     """Raise ValueError naming what this template cannot generate for `spec`."""
-    if spec.family != FAMILY:
-        raise ValueError(f"the norm_quant template cannot generate a {spec.family!r} kernel")
-    dims = {k for k, _ in spec.dims}
-    if dims != {"d"}:
-        raise ValueError(f"{spec}: a norm_quant spec has dims ['d'], got {sorted(dims)}")
-    if spec.layouts or spec.epilogue:
-        raise ValueError(f"{spec}: a norm_quant spec has no layouts and no epilogue")
-    if {k for k, _ in spec.dtypes} != {"x"} or spec.dtype("x") not in X_DTYPES:
-        raise ValueError(f"{spec}: a norm_quant spec has dtypes {{'x': one of {', '.join(X_DTYPES)}}}, got {dict(spec.dtypes)}")
-    unknown = sorted({k for k, _ in spec.options} - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"{spec}: unknown norm_quant options {unknown}; expected some of {list(OPTIONS)}")
+    check_row_spec(spec, FAMILY, OPTIONS, ("gather", "has_weight", "has_bias", "float_out"),
+                   "a quantized range or float_out")
     norm = spec.option("norm")
     if norm not in NORMS:
         raise ValueError(f"{spec}: option norm must be one of {', '.join(NORMS)}, got {norm!r}")
-    for flag in ("gather", "has_weight", "has_bias", "float_out"):
-        if not isinstance(spec.option(flag, False), bool):
-            raise ValueError(f"{spec}: option {flag} must be a bool, got {spec.option(flag)!r}")
     eps = spec.option("eps")
     if norm == "none":
         if spec.option("has_weight") or spec.option("has_bias") or eps is not None:
@@ -144,8 +117,6 @@ def check(spec: KernelSpec) -> None:
     if norm == "layer" and spec.option("has_bias") and not spec.option("has_weight"):
         raise ValueError(f"{spec}: layer_norm's bias comes with its weight (layer_norm(x, w, b): no bias-only form)")
     roles = sorted(k for k, _ in spec.formats)
-    if roles != sorted(f"out{i}" for i in range(len(roles))):
-        raise ValueError(f"{spec}: quantized outputs are named out0, out1, ...; got {roles}")
     d = spec.dim("d")
     ranges = spec.option("ranges", ())
     if not isinstance(ranges, tuple) or len(ranges) != 2 * len(roles):
@@ -155,10 +126,6 @@ def check(spec: KernelSpec) -> None:
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end <= d):
             raise ValueError(f"{spec}: out{i}'s channel range [{start}, {end}) must satisfy 0 <= start < end <= d = {d}")
         check_format(spec.fmt(f"out{i}"), f"{spec}: out{i}", static_ok=True)
-    if not roles and not spec.option("float_out"):
-        raise ValueError(f"{spec}: a norm_quant kernel needs an output: a quantized range or float_out")
-    if len(spec.tiles) != 1:
-        raise ValueError(f"{spec}: a row kernel takes one tile configuration (any M), got {len(spec.tiles)}")
 
 
 # --------------------------------------------------------------------------- source
@@ -240,27 +207,6 @@ def _stats(spec: KernelSpec, block_d: int) -> tuple[str, str]:
     return "\n".join(lines), call % "rstd{r}, shift{r}"
 
 
-def _float_block(spec: KernelSpec, block_d: int, value: str) -> str:
-    if not spec.option("float_out"):
-        return ""
-    d = spec.dim("d")
-    chunk = min(block_d, next_pow2(d))
-    loop = d > chunk
-    body = [
-        f"ch = ({'c0 + ' if loop else ''}tl.arange(0, {chunk}))[None, :]",
-        "cmask = ch < D",
-        f"v = {value.format(ch='ch', cmask='cmask', rmask='row_mask[:, None]', r='[:, None]')}",
-        f"tl.store(y_ptr + rows[:, None] * D + ch, v.to({_TL[spec.dtype('x')]}), mask=row_mask[:, None] & cmask)",
-    ]
-    lines = ["# the float row (every channel)"]
-    lines += [f"for c0 in range(0, D, {chunk}):", *["    " + b for b in body]] if loop else body
-    return "\n".join(lines)
-
-
-def _indent(text: str) -> str:
-    return "\n".join("    " + line if line else "" for line in text.split("\n"))
-
-
 def render(spec: KernelSpec) -> str:
     """The Python module source of `spec`'s kernel and its `launch` (the emitter adds the
     header comment)."""
@@ -278,46 +224,23 @@ def render(spec: KernelSpec) -> str:
         eps32 = float(np.float32(spec.option("eps")))
         items.append(("EPS", eps32, f"eps = {spec.option('eps')!r} rounded to float32 (torch adds it in float32)"))
     stats, value = _stats(spec, block_d)
-    blocks, args = [], []
-    for i, o in enumerate(outs):
-        ptrs = {"codes": f"q{i}_ptr", "scale": f"s{i}_ptr"} | ({"zero": f"z{i}_ptr"} if o.has_zero else {})
-        args += list(ptrs.values())
-        blocks.append(block_source(o, ptrs, value, block_d))
-    body = "\n\n".join(b for b in (_indent(stats), _indent(_float_block(spec, block_d, value)), *blocks) if b)
+    blocks, args = quant_blocks(outs, value, block_d)
+    body = "\n\n".join(b for b in (indent(stats), float_block(spec, value, "the float row (every channel)"), *blocks) if b)
     what = {"rms": "rms_norm", "layer": "layer_norm", "none": "no norm"}[norm]
     gather = spec.option("gather")
     title_parts = (["gather"] if gather else []) + ([what] if norm != "none" else [])
     title_parts += [f"{o.fmt}[{o.start}:{o.end}]" for o in outs]
     if spec.option("float_out"):
         title_parts.append("float row")
-    results = ([f"y (the float row, x's dtype) [..., {d}]"] if spec.option("float_out") else []) + [
-        f"{o.name}: codes {o.codes_dtype} [..., {o.width}], scale float32 [..., {o.n_scales}]"
-        + (", zero float32 (zero point codes)" if o.has_zero else "")
-        + (" (static: the given scale" + (" and zero" if o.has_zero else "") + ", returned as given)" if o.static else "")
-        for o in outs
-    ]
     return _MODULE.substitute(
+        module_fields(spec, outs, items, args, "the float row"),
         title=", ".join(title_parts),
-        kernel_name=str(spec),
-        d=d,
-        rows=tiles.block_m,
-        x_name=x_dt.replace('f', 'float'),
-        constants=constants(items),
-        grid=grid_source(),
-        formats="\n\n".join(format_source(o) for o in outs) or "# (no quantized output)",
         row_helpers=_row_helpers(spec),
         what=what,
-        out_args="".join(f"{a}, " for a in args),
         body=body,
-        quant_outputs=outputs_table(outs),
-        x_torch=_TORCH[x_dt],
         gather=gather,
         has_weight=spec.option("has_weight"),
         has_bias=spec.option("has_bias"),
-        float_out=spec.option("float_out"),
-        results="\n    ".join(f"{i}. {r}" for i, r in enumerate(results, 1)),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
     )
 
 
@@ -332,6 +255,7 @@ import triton
 import triton.language as tl
 
 from mxc.codegen.templates.checks import FLOATS, LaunchError, describe, expect, expect_none
+from mxc.codegen.templates.launch import output_tensors
 
 KERNEL = "$kernel_name"
 
@@ -411,22 +335,7 @@ def _results(lead, dtype, dev, static, outs):
         want.append((f"{o['name']} scale", (*lead, o["n_scales"]), torch.float32, st[0] if st else None))
         if o["zero"]:
             want.append((f"{o['name']} zero", (*lead, o["n_scales"]), torch.float32, st[1] if st else None))
-    if outs is None:
-        outs = [None] * len(want)
-    if not isinstance(outs, (list, tuple)) or len(outs) != len(want):
-        raise LaunchError(f"{KERNEL}: outs must be a list of {len(want)} entries (None: allocate), got {outs!r:.80}")
-    results = []
-    for (name, shape, dt, given), out in zip(want, outs):
-        if given is not None:  # a static scale / zero: an input, returned as given
-            if out is not None:
-                raise LaunchError(f"{KERNEL}: outs entry for {name} must be None (the static scale is an input)")
-            results.append(given)
-        elif out is None:
-            results.append(torch.empty(shape, dtype=dt, device=dev))
-        else:
-            expect(KERNEL, f"out {name}", out, shape, (dt,), dev, contiguous=True)
-            results.append(out)
-    return results
+    return output_tensors(KERNEL, want, outs, dev)
 
 
 def launch(x, index=None, weight=None, bias=None, scales=None, outs=None):

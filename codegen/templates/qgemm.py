@@ -69,17 +69,17 @@ from string import Template
 from ...ir import FloatFormat, IntFormat, Layout, NumberFormat, parse_format, parse_layout
 from ...ir.ops import scale_shape
 from ...ir.packing import packed_words
-from ...ir.quant import has_nan_code
 
 from ..spec import M_CLASSES, KernelSpec, Tiles
-from .common import code_constants, constants, decode_source, epilogue_params, epilogue_source, load_codes_source
+from .common import (
+    TL_DTYPES, TORCH_DTYPES, cdiv, code_constants, configs_source, constants, decode_source, epilogue_checks,
+    epilogue_source, float_constants, float_values_source, gemm_tail_source, load_codes_source, splitk_reduce_source,
+)
 
 FAMILY = "qgemm"
 #: The epilogue steps the kernels take arguments for (`mxc.codegen.spec.EPILOGUE_STEPS`).
 STEPS = ("bias", "silu", "gelu", "gelu_tanh", "residual", "mul")
 OUT_DTYPES = ("f16", "f32")
-_TORCH = {"f16": "torch.float16", "f32": "torch.float32"}
-_TL = {"f16": "tl.float16", "f32": "tl.float32"}
 #: Elements an int32 block sum may hold exactly: |xq · w| <= 128 · 128 = 2^14, and with a zero
 #: point correction |z - 2^(b-1)| · |Σ xq| adds as much again.
 MAX_INT_BLOCK = 1 << 16
@@ -224,44 +224,28 @@ def check(spec: KernelSpec) -> None:
 # --------------------------------------------------------------------------- render
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _configs(spec: KernelSpec) -> str:
     """One launch configuration per M class: the spec's tiles and the loop trip counts that
     follow (`GROUPS_PER_SPLIT` blocks per program, `TILES_PER_STEP` tiles per block)."""
     k = spec.dim("k")
     block = block_of(spec.fmt("act"), spec.fmt("weight"), k)
-    groups = _cdiv(k, block)
-    lines = []
+    groups = cdiv(k, block)
+    rows = []
     for t in spec.tiles:
-        tiles_per_group = _cdiv(block, t.block_k)
+        tiles_per_group = cdiv(block, t.block_k)
         if groups == 1:  # split-K shares the one block's tiles
-            per_split, per_step = 1, _cdiv(tiles_per_group, t.split_k)
+            per_split, per_step = 1, cdiv(tiles_per_group, t.split_k)
         else:  # split-K shares the blocks
-            per_split, per_step = _cdiv(groups, t.split_k), tiles_per_group
-        lines.append(
-            f"    dict(MAX_M={t.max_m!r}, BLOCK_M={t.block_m}, BLOCK_N={t.block_n}, BLOCK_K={t.block_k}, "
-            f"SPLIT_K={t.split_k}, GROUPS_PER_SPLIT={per_split}, TILES_PER_STEP={per_step}, "
-            f"num_warps={t.num_warps}, num_stages={t.num_stages}),"
-        )
-    return "\n".join(lines)
+            per_split, per_step = cdiv(groups, t.split_k), tiles_per_group
+        rows.append((t, {"GROUPS_PER_SPLIT": per_split, "TILES_PER_STEP": per_step}))
+    return configs_source(rows)
 
 
 def act_constants(fmt: NumberFormat) -> list[tuple[str, object, str]]:
     """The constants `act_values_source` reads (the weight's own use unprefixed names)."""
     if isinstance(fmt, IntFormat):
         return [("X_BITS", fmt.bits, f"{fmt}: int8 storage of values in [-2^(X_BITS-1), 2^(X_BITS-1)-1]")]
-    s = fmt.spec
-    return [
-        ("X_MBITS", s.mbits, f"activation {fmt.name}: mantissa bits"),
-        ("X_EXP_BIAS", s.bias, f"activation {fmt.name}: exponent bias"),
-        ("X_EXP_MASK", (1 << s.ebits) - 1, "all-ones exponent field"),
-        ("X_MAN_MASK", (1 << s.mbits) - 1, "all-ones mantissa field"),
-        ("X_HIDDEN_BIT", 1 << s.mbits, "the implicit leading 1 of a normal significand"),
-        ("X_SIGN_SHIFT", s.ebits + s.mbits, "the sign bit's position"),
-    ]
+    return float_constants(fmt.spec, f"activation {fmt.name}", "X_")
 
 
 def act_values_source(fmt: NumberFormat) -> str:
@@ -274,30 +258,13 @@ def _act_values(codes):
     return codes.to(tl.float32)
 '''
     s = fmt.spec
-    if s.has_inf:
-        special = """
-    # IEEE-style specials: the all-ones exponent is infinity (mantissa 0) or NaN.
-    value = tl.where(exponent == X_EXP_MASK, tl.where(mantissa == 0, float("inf"), float("nan")), value)"""
-    elif has_nan_code(s):
-        special = """
-    # OCP 'fn' format: only S.1111.111 is NaN; every other code is finite.
-    value = tl.where((exponent == X_EXP_MASK) & (mantissa == X_MAN_MASK), float("nan"), value)"""
-    else:
-        special = "\n    # Every code is finite: this format has no infinity and no NaN."
     return f'''@triton.jit
 def _act_values(codes):
     """{fmt.name} activations from their uint8 bit patterns sign|exponent({s.ebits})|mantissa({s.mbits}), exactly:
     |value| = significand * 2^(max(e, 1) - X_EXP_BIAS - X_MBITS) (e == 0: subnormal), the power
     of two assembled as float32 bits (the product is exact)."""
     codes = codes.to(tl.int32)  # uint8 zero-extends
-    sign = (codes >> X_SIGN_SHIFT) & 1
-    exponent = (codes >> X_MBITS) & X_EXP_MASK
-    mantissa = codes & X_MAN_MASK
-    significand = tl.where(exponent > 0, mantissa + X_HIDDEN_BIT, mantissa)
-    pow2 = ((tl.maximum(exponent, 1) - X_EXP_BIAS - X_MBITS + 127) << 23).to(tl.float32, bitcast=True)
-    value = significand.to(tl.float32) * pow2{special}
-    return tl.where(sign != 0, -value, value)
-'''
+{float_values_source(s, "X_")}'''
 
 
 def render(spec: KernelSpec) -> str:
@@ -313,13 +280,13 @@ def render(spec: KernelSpec) -> str:
     w_global = isinstance(weight, FloatFormat) and weight.global_
     x_global = isinstance(act, FloatFormat) and act.global_
     w_shape = tuple(int(d) for d in scale_shape(weight, (n, k)))
-    x_cols = 1 if act.scaling.kind in ("token", "tensor") else _cdiv(k, act.scaling.block(k))
+    x_cols = 1 if act.scaling.kind in ("token", "tensor") else cdiv(k, act.scaling.block(k))
     items = [
         ("N", n, "output features: rows of W"),
         ("K", k, "reduction length"),
         ("WORDS", words, f"int32 words per packed row: ceil({weight.bits}*K/32)"),
         ("GROUP", block, "elements along K per block of shared scales" + (" (all of K)" if block >= k else "")),
-        ("NUM_GROUPS", _cdiv(k, block), "blocks along K (the last may be shorter)"),
+        ("NUM_GROUPS", cdiv(k, block), "blocks along K (the last may be shorter)"),
         ("ONE_GROUP", block >= k, "one block: split-K shares its tiles"),
         ("X_GROUPED", _grouped(act, k), "activation scales per block (else per token / tensor, after the loop)"),
         ("W_GROUPED", _grouped(weight, k), "weight scales per block (else per row / tensor, after the loop)"),
@@ -342,12 +309,7 @@ def render(spec: KernelSpec) -> str:
         if w_global else f'expect_none(KERNEL, "w_global", w_global, "{weight} has no global scale")',
         'expect(KERNEL, "x_global", x_global, (1,), (torch.float32,), dev)'
         if x_global else f'expect_none(KERNEL, "x_global", x_global, "{act} has no global scale")',
-        f'expect(KERNEL, "bias", bias, ({n},), FLOATS, dev)'
-        if "bias" in spec.epilogue else 'expect_none(KERNEL, "bias", bias, "the epilogue has no bias")',
-        f'expect(KERNEL, "residual", residual, (*lead, {n}), FLOATS, dev)'
-        if "residual" in spec.epilogue else 'expect_none(KERNEL, "residual", residual, "the epilogue has no residual")',
-        f'expect(KERNEL, "multiplier", multiplier, (*lead, {n}), FLOATS, dev)'
-        if "mul" in spec.epilogue else 'expect_none(KERNEL, "multiplier", multiplier, "the epilogue has no mul")',
+        *epilogue_checks(spec.epilogue, n),
     ]
     return _MODULE.substitute(
         title=f"{act} x {weight}, y[M, {n}] = qlinear(x[M, {k}], W[{n}, {k}])"
@@ -358,8 +320,8 @@ def render(spec: KernelSpec) -> str:
         decode="" if is_int else decode_source(weight) + "\n",
         act_values="" if is_int else act_values_source(act) + "\n",
         epilogue=epilogue_source(spec.epilogue),
-        epilogue_args=epilogue_params(spec.epilogue),
-        out_tl=_TL[out_dt],
+        tail=gemm_tail_source(spec.epilogue, TL_DTYPES[out_dt]),
+        splitk_reduce=splitk_reduce_source(spec.epilogue, TL_DTYPES[out_dt]),
         configs=_configs(spec),
         n=n,
         k=k,
@@ -371,7 +333,7 @@ def render(spec: KernelSpec) -> str:
         x_scale_shape=x_shape,
         x_torch=x_torch,
         x_what=x_what,
-        out_torch=_TORCH[out_dt],
+        out_torch=TORCH_DTYPES[out_dt],
         dot="int8 x int8 -> int32 tl.dot, exact block sums" if is_int
         else "exact f16 element values, f16 x f16 -> fp32 tl.dot",
         checks="\n    ".join(checks),
@@ -389,6 +351,9 @@ import triton
 import triton.language as tl
 
 from mxc.codegen.templates.checks import FLOATS, LaunchError, expect, expect_none
+from mxc.codegen.templates.launch import (
+    as_rows, output_tensor, pick_config, reduce_splitk, splitk_workspace, strides,
+)
 
 KERNEL = "$kernel_name"
 
@@ -484,37 +449,14 @@ def qgemm_kernel(
         acc = acc * tl.load(wg_ptr).to(tl.float32)
     if X_GLOBAL:
         acc = acc * tl.load(xg_ptr).to(tl.float32)
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        acc = _epilogue(acc, offs_m, offs_n, mask, bias_ptr, res_ptr, stride_rm, stride_rn$epilogue_args)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to($out_tl), mask=mask)
-    else:
-        rows = pid_k.to(tl.int64) * M + offs_m[:, None]
-        tl.store(part_ptr + rows * N + offs_n[None, :], acc, mask=mask)
+$tail
 
 
-@triton.jit
-def splitk_reduce_kernel(
-    part_ptr, bias_ptr, res_ptr, mul_ptr, out_ptr, M, stride_rm, stride_rn, stride_mm, stride_mn, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
-):
-    """y tile (pid_m, pid_n) = epilogue(sum of the SPLIT_K partial sums), summed in split order."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for split in range(0, SPLIT_K):
-        rows = split * M + offs_m[:, None].to(tl.int64)
-        acc += tl.load(part_ptr + rows * N + offs_n[None, :], mask=mask, other=0.0)
-    acc = _epilogue(acc, offs_m, offs_n, mask, bias_ptr, res_ptr, stride_rm, stride_rn$epilogue_args)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, acc.to($out_tl), mask=mask)
+$splitk_reduce
 
 
 # ---------------------------------------------------------------- launch
-#: Tile configurations by M class: the first whose MAX_M >= M (None: any M) runs.
-CONFIGS = [
 $configs
-]
 #: The shape of the weight's scale (and zero point) tensors.
 W_SCALE_SHAPE = $w_scale_shape
 
@@ -540,43 +482,26 @@ def launch(x_codes, x_scale, w_words, w_scale, w_zero=None, w_global=None, x_glo
            note="$weight codes, $layout")
     expect(KERNEL, "w_scale", w_scale, W_SCALE_SHAPE, FLOATS, dev)
     $checks
-    if out is None:
-        out = torch.empty((*lead, $n), dtype=$out_torch, device=dev)
-    else:
-        expect(KERNEL, "out", out, (*lead, $n), ($out_torch,), dev, contiguous=True)
+    out = output_tensor(KERNEL, out, (*lead, $n), $out_torch, dev)
     m = x_codes.numel() // $k
     if m == 0:
         return out
     x2 = x_codes.reshape(m, $k)
     xs2 = x_scale.reshape(-1, x_scale.shape[-1]).expand(m, x_scale.shape[-1])  # per tensor: stride 0
     out2 = out.view(m, $n)
-    res2 = residual.reshape(m, $n) if residual is not None else None
-    mul2 = multiplier.reshape(m, $n) if multiplier is not None else None
+    res2, mul2 = as_rows(residual, m, $n), as_rows(multiplier, m, $n)
     ws2 = w_scale.expand($n, W_SCALE_SHAPE[1])  # a per-tensor [1, 1] scale: stride 0 over rows
     wz2 = w_zero.expand($n, W_SCALE_SHAPE[1]) if w_zero is not None else None
-    cfg = next(c for c in CONFIGS if c["MAX_M"] is None or m <= c["MAX_M"])
-    split = cfg["SPLIT_K"]
-    part = torch.empty((split, m, $n), dtype=torch.float32, device=dev) if split > 1 else None
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv($n, cfg["BLOCK_N"]), split)
+    cfg = pick_config(CONFIGS, m)
+    part = splitk_workspace(cfg, m, $n, dev)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv($n, cfg["BLOCK_N"]), cfg["SPLIT_K"])
     qgemm_kernel[grid](
         x2, xs2, w_words, ws2, wz2, w_global, x_global, bias, res2, mul2, out2, part,
-        m, x2.stride(0), x2.stride(1), xs2.stride(0), xs2.stride(1), ws2.stride(0), ws2.stride(1),
-        wz2.stride(0) if wz2 is not None else 0, wz2.stride(1) if wz2 is not None else 0,
-        res2.stride(0) if res2 is not None else 0, res2.stride(1) if res2 is not None else 0,
-        mul2.stride(0) if mul2 is not None else 0, mul2.stride(1) if mul2 is not None else 0,
-        out2.stride(0), out2.stride(1),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
+        m, *strides(x2), *strides(xs2), *strides(ws2), *strides(wz2), *strides(res2), *strides(mul2), *strides(out2),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
         GROUPS_PER_SPLIT=cfg["GROUPS_PER_SPLIT"], TILES_PER_STEP=cfg["TILES_PER_STEP"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if split > 1:
-        splitk_reduce_kernel[grid[:2]](
-            part, bias, res2, mul2, out2, m,
-            res2.stride(0) if res2 is not None else 0, res2.stride(1) if res2 is not None else 0,
-            mul2.stride(0) if mul2 is not None else 0, mul2.stride(1) if mul2 is not None else 0,
-            out2.stride(0), out2.stride(1),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], SPLIT_K=split,
-            num_warps=cfg["num_warps"],
-        )
+    reduce_splitk(splitk_reduce_kernel, grid, cfg, m, part, bias, res2, mul2, out2)
     return out
 ''')

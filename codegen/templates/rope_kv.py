@@ -32,22 +32,10 @@ from typing import Sequence
 from ...ir import NumberFormat
 
 from ..spec import KernelSpec, Tiles
-from .common import constants
-from .quantize_source import QuantOut, block_source, check_format, format_source, grid_source, next_pow2, outputs_table
+from .quantize_source import QuantOut, check_format
+from .rows import check_row_spec, float_block, module_fields, quant_blocks, row_tiles
 
 FAMILY = "rope_kv"
-X_DTYPES = ("f16", "f32")
-MAX_BLOCK_D = 512
-ROWS = 16
-_TORCH = {"f16": "torch.float16", "f32": "torch.float32"}
-_TL = {"f16": "tl.float16", "f32": "tl.float32"}
-
-
-def default_tiles(d: int) -> tuple[Tiles, ...]:
-    """One configuration for any M: 16 rows per program, chunks of next_pow2(d) channels up
-    to MAX_BLOCK_D (`block_k` is unused by row kernels)."""
-    block = min(MAX_BLOCK_D, max(16, next_pow2(d)))
-    return (Tiles(max_m=None, block_m=ROWS, block_n=block, block_k=16, num_warps=4 if block <= 256 else 8, num_stages=1),)
 
 
 def spec(
@@ -62,7 +50,7 @@ def spec(
     into each of `formats` ("out0", "out1", ...; each over the whole row), and the float
     result too when `float_out`."""
     s = KernelSpec(FAMILY, {"d": d}, {f"out{i}": f for i, f in enumerate(formats)}, {}, {"x": x_dtype}, (),
-                   tiles if tiles is not None else default_tiles(d), {"float_out": bool(float_out)})
+                   tiles if tiles is not None else row_tiles(d), {"float_out": bool(float_out)})
     check(s)
     return s
 
@@ -75,31 +63,11 @@ def quant_outputs(spec: KernelSpec) -> list[QuantOut]:
 
 def check(spec: KernelSpec) -> None:
     """Raise ValueError naming what this template cannot generate for `spec`."""
-    if spec.family != FAMILY:
-        raise ValueError(f"the rope_kv template cannot generate a {spec.family!r} kernel")
-    dims = {k for k, _ in spec.dims}
-    if dims != {"d"}:
-        raise ValueError(f"{spec}: a rope_kv spec has dims ['d'], got {sorted(dims)}")
+    check_row_spec(spec, FAMILY, ("float_out",), ("float_out",), "a format or float_out")
     if spec.dim("d") < 2:
         raise ValueError(f"{spec}: rope rotates halves of the last dim; d must be >= 2, got {spec.dim('d')}")
-    if spec.layouts or spec.epilogue:
-        raise ValueError(f"{spec}: a rope_kv spec has no layouts and no epilogue")
-    if {k for k, _ in spec.dtypes} != {"x"} or spec.dtype("x") not in X_DTYPES:
-        raise ValueError(f"{spec}: a rope_kv spec has dtypes {{'x': one of {', '.join(X_DTYPES)}}}, got {dict(spec.dtypes)}")
-    unknown = sorted({k for k, _ in spec.options} - {"float_out"})
-    if unknown:
-        raise ValueError(f"{spec}: unknown rope_kv options {unknown}; expected some of ['float_out']")
-    if not isinstance(spec.option("float_out", False), bool):
-        raise ValueError(f"{spec}: option float_out must be a bool, got {spec.option('float_out')!r}")
-    roles = sorted(k for k, _ in spec.formats)
-    if roles != sorted(f"out{i}" for i in range(len(roles))):
-        raise ValueError(f"{spec}: quantized outputs are named out0, out1, ...; got {roles}")
-    for role in roles:
-        check_format(spec.fmt(role), f"{spec}: {role}", static_ok=False)
-    if not roles and not spec.option("float_out"):
-        raise ValueError(f"{spec}: a rope_kv kernel needs an output: a format or float_out")
-    if len(spec.tiles) != 1:
-        raise ValueError(f"{spec}: a row kernel takes one tile configuration (any M), got {len(spec.tiles)}")
+    for role, fmt in spec.formats:
+        check_format(fmt, f"{spec}: {role}", static_ok=False)
 
 
 def _values_source(spec: KernelSpec) -> str:
@@ -130,53 +98,19 @@ def render(spec: KernelSpec) -> str:
     d, x_dt = spec.dim("d"), spec.dtype("x")
     outs = quant_outputs(spec)
     tiles = spec.tiles[0]
-    block_d = tiles.block_n
     value = "_values(x_row{r}, c_row{r}, s_row{r}, {ch}, {cmask}, {rmask}, sxd, scd, ssd)"
-    blocks, args = [], []
-    for i, o in enumerate(outs):
-        ptrs = {"codes": f"q{i}_ptr", "scale": f"s{i}_ptr"} | ({"zero": f"z{i}_ptr"} if o.has_zero else {})
-        args += list(ptrs.values())
-        blocks.append(block_source(o, ptrs, value, block_d))
-    if spec.option("float_out"):
-        chunk = min(block_d, next_pow2(d))
-        loop = d > chunk
-        body = [
-            f"ch = ({'c0 + ' if loop else ''}tl.arange(0, {chunk}))[None, :]",
-            "cmask = ch < D",
-            f"v = {value.format(ch='ch', cmask='cmask', rmask='row_mask[:, None]', r='[:, None]')}",
-            f"tl.store(y_ptr + rows[:, None] * D + ch, v.to({_TL[x_dt]}), mask=row_mask[:, None] & cmask)",
-        ]
-        lines = ["# the float result"]
-        lines += [f"for c0 in range(0, D, {chunk}):", *["    " + b for b in body]] if loop else body
-        blocks.insert(0, "\n".join("    " + line for line in lines))
-    results = ([f"y (the rope result, x's dtype) [..., {d}]"] if spec.option("float_out") else []) + [
-        f"{o.name}: codes {o.codes_dtype} [..., {o.width}], scale float32 [..., {o.n_scales}]"
-        + (", zero float32 (zero point codes)" if o.has_zero else "")
-        for o in outs
-    ]
+    blocks, args = quant_blocks(outs, value, tiles.block_n)
+    blocks = [b for b in (float_block(spec, value, "the float result"), *blocks) if b]
     items = [
         ("D", d, "channels per row (the head dim)"),
         ("HALF", d // 2, "rotate_half splits the row at D // 2"),
         ("ROWS", tiles.block_m, "rows per program"),
     ]
     return _MODULE.substitute(
+        module_fields(spec, outs, items, args, "the rope result"),
         title=", ".join([f"rope {x_dt}"] + [str(o.fmt) for o in outs] + (["float result"] if spec.option("float_out") else [])),
-        kernel_name=str(spec),
-        d=d,
-        rows=tiles.block_m,
-        x_name=x_dt.replace('f', 'float'),
-        constants=constants(items),
-        grid=grid_source(),
-        formats="\n\n".join(format_source(o) for o in outs) or "# (no quantized output)",
         values=_values_source(spec),
-        out_args="".join(f"{a}, " for a in args),
         body="\n\n".join(blocks),
-        quant_outputs=outputs_table(outs),
-        x_torch=_TORCH[x_dt],
-        float_out=spec.option("float_out"),
-        results="\n    ".join(f"{i}. {r}" for i, r in enumerate(results, 1)),
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
     )
 
 
@@ -190,6 +124,7 @@ import triton
 import triton.language as tl
 
 from mxc.codegen.templates.checks import LaunchError, describe, expect
+from mxc.codegen.templates.launch import output_tensors
 
 KERNEL = "$kernel_name"
 
@@ -262,23 +197,13 @@ def launch(x, cos, sin, outs=None):
             raise LaunchError(f"{KERNEL}: {name} must broadcast to x's shape {list(shape)}, got {describe(t)}")
         tables.append(_as_4d(t.broadcast_to(shape)))
     lead = shape[:-1]
-    want = [("y", (*lead, $d), x.dtype)] if FLOAT_OUT else []
+    want = [("y", (*lead, $d), x.dtype, None)] if FLOAT_OUT else []  # (name, shape, dtype, given input)
     for o in QUANT_OUTPUTS:
-        want.append((f"{o['name']} codes", (*lead, $d), o["codes"]))
-        want.append((f"{o['name']} scale", (*lead, o["n_scales"]), torch.float32))
+        want.append((f"{o['name']} codes", (*lead, $d), o["codes"], None))
+        want.append((f"{o['name']} scale", (*lead, o["n_scales"]), torch.float32, None))
         if o["zero"]:
-            want.append((f"{o['name']} zero", (*lead, o["n_scales"]), torch.float32))
-    if outs is None:
-        outs = [None] * len(want)
-    if not isinstance(outs, (list, tuple)) or len(outs) != len(want):
-        raise LaunchError(f"{KERNEL}: outs must be a list of {len(want)} entries (None: allocate), got {outs!r:.80}")
-    results = []
-    for (name, shp, dt), out in zip(want, outs):
-        if out is None:
-            results.append(torch.empty(shp, dtype=dt, device=dev))
-        else:
-            expect(KERNEL, f"out {name}", out, shp, (dt,), dev, contiguous=True)
-            results.append(out)
+            want.append((f"{o['name']} zero", (*lead, o["n_scales"]), torch.float32, None))
+    results = output_tensors(KERNEL, want, outs, dev)
     m = x.numel() // $d
     if m == 0:
         return tuple(results)

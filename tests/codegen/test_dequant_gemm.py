@@ -19,11 +19,7 @@ kernels for sm_90 (no GPU needed) so the GPU-only checks of `tl.dot` and the typ
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 import zlib
 
@@ -34,6 +30,8 @@ import torch.nn.functional as F
 from mxc.codegen import KernelSpec, LaunchError, Tiles, load
 from mxc.ir import FloatFormat, IntFormat, Layout, parse_format
 from mxc.ir.packing import pack, to_codes
+
+from kernel_helpers import compile_for_sm90, kernel_cache, SM90_PRELUDE  # noqa: F401 (kernel_cache: autouse fixture)
 
 MS = (1, 3, 17, 64)
 KS = (72, 100, 200)
@@ -48,12 +46,6 @@ EPILOGUES = (
     ("silu", "residual"),
 )
 GROUPS = ("g32", "g64", "g128")
-
-
-@pytest.fixture(autouse=True)
-def kernel_cache(tmp_path, monkeypatch):
-    """Every test compiles into its own empty kernel cache."""
-    monkeypatch.setenv("MXC_CACHE_DIR", str(tmp_path / "kernels"))
 
 
 def case(fmt: str, i: int, **over) -> dict:
@@ -362,28 +354,8 @@ class TestLaunchErrors:
             mod.launch(x, packed.float(), q.scale, q.zero, bias=bias)
 
 
-_SM90 = textwrap.dedent(
+_SM90 = SM90_PRELUDE + textwrap.dedent(
     """
-    import json, sys
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from mxc.codegen import KernelSpec, load
-
-    PTR = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32"}
-
-    def build(fn, args, consts, cfg):
-        # args: name -> tensor dtype (a pointer), "i32", or None (an absent pointer: constexpr None)
-        sig, constexprs = {}, dict(consts)
-        for name in fn.arg_names:
-            if name in consts or args.get(name, 0) is None:
-                constexprs.setdefault(name, None)
-                sig[name] = "constexpr"
-            else:
-                sig[name] = PTR[args[name]] if isinstance(args[name], torch.dtype) else args[name]
-        opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        kernel = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options=opts)
-        return len(kernel.asm["cubin"])
 
     done = []
     for text in json.loads(sys.argv[1]):
@@ -403,11 +375,7 @@ _SM90 = textwrap.dedent(
             keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "TILES_PER_SPLIT", "SCALE_IN_ACC")
             assert build(mod.dequant_gemm_kernel, {**ptrs, **ints}, {k: cfg[k] for k in keys}, cfg) > 0
             if split > 1:
-                red = {k: ptrs[k] for k in ("bias_ptr", "res_ptr", "mul_ptr", "out_ptr")}
-                red["part_ptr"] = f32
-                ints = {name: "i32" for name in mod.splitk_reduce_kernel.arg_names if name == "M" or name.startswith("stride")}
-                consts = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "SPLIT_K")}
-                assert build(mod.splitk_reduce_kernel, {**red, **ints}, consts, cfg) > 0
+                assert build_reduce(mod, ptrs, cfg) > 0
             done.append(f"{spec} max_m={cfg['MAX_M']}")
     print("\\n".join(done))
     """
@@ -428,15 +396,7 @@ def test_compiles_for_sm90(tmp_path):
         KernelSpec.dequant_gemm(4096, 4096, "nvfp4", x_dtype="f16"),
         KernelSpec.dequant_gemm(4096, 4000, "int6<sym,g100>", x_dtype="f16"),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["MXC_CACHE_DIR"] = str(tmp_path / "sm90")
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
-    proc = subprocess.run(
-        [sys.executable, "-c", _SM90, json.dumps([s.to_json() for s in specs])],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert len(proc.stdout.split("\n")) >= 2 * len(specs)
+    assert len(compile_for_sm90(tmp_path, _SM90, specs)) >= 2 * len(specs)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # 0 * inf in masked rows

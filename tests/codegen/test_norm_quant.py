@@ -28,11 +28,7 @@ Shapes are not multiples of the tiles (D = 72, 100, 200, 10; ranges D - 3, group
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 import zlib
 from pathlib import Path
@@ -45,27 +41,16 @@ from mxc.codegen.templates import norm_quant
 from mxc.ir import FloatFormat, IntFormat, parse, parse_format
 from mxc.ir.printer import region_of
 from mxc.ir.formats import QTensor
-from mxc.ir.quant import decode_bits, encode_bits
+from mxc.ir.quant import decode_bits
 from mxc.runtime.reference import IMPLS, ReferenceExecutor
+
+from kernel_helpers import compile_for_sm90, kernel_cache, SM90_PRELUDE, storage  # noqa: F401 (kernel_cache: autouse fixture)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "fuse"
 TORCH = {"f16": torch.float16, "f32": torch.float32}
 
 
-@pytest.fixture(autouse=True)
-def kernel_cache(tmp_path, monkeypatch):
-    """Every test compiles into its own empty kernel cache."""
-    monkeypatch.setenv("MXC_CACHE_DIR", str(tmp_path / "kernels"))
-
-
 # --------------------------------------------------------------------------- reference
-
-
-def storage(fmt, codes: torch.Tensor) -> torch.Tensor:
-    """Reference codes (grid values as float32) in the kernel-backend storage convention."""
-    if isinstance(fmt, IntFormat):
-        return codes.to(torch.int8 if fmt.symmetric else torch.uint8)
-    return encode_bits(codes, fmt.spec).to(torch.uint8)
 
 
 def ref_quantize(fmt, row: torch.Tensor, static=None) -> list[torch.Tensor]:
@@ -539,15 +524,9 @@ def test_spec_json_round_trip_and_options():
     assert norm_quant.spec(100, ["int8<sym,token>"]).option("eps") is None  # no norm: eps is not part of the kernel
 
 
-_SM90 = textwrap.dedent(
+_SM90 = SM90_PRELUDE + textwrap.dedent(
     """
-    import json, sys
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from mxc.codegen import KernelSpec, load
 
-    PTR = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int8: "*i8", torch.uint8: "*u8", torch.int64: "*i64"}
     X = {"f16": torch.float16, "f32": torch.float32}
     for text in json.loads(sys.argv[1]):
         spec = KernelSpec.from_json(text)
@@ -558,12 +537,7 @@ _SM90 = textwrap.dedent(
                 "y_ptr": X[spec.dtype("x")] if opt["float_out"] else None}
         for i, o in enumerate(mod.QUANT_OUTPUTS):
             ptrs.update({f"q{i}_ptr": o["codes"], f"s{i}_ptr": torch.float32, f"z{i}_ptr": torch.float32})
-        fn = mod.norm_quant_kernel
-        sig = {n: (PTR[ptrs[n]] if ptrs.get(n) is not None else "constexpr") if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-        consts = {n: None for n, t in sig.items() if t == "constexpr"}
-        t = spec.tiles[0]
-        k = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": t.num_warps, "num_stages": t.num_stages, "enable_fp_fusion": False})
+        k = build_row(mod.norm_quant_kernel, ptrs, spec.tiles[0])
         ptx = k.asm["ptx"]
         # IEEE division and square root, no contracted mul-add, the rint constant kept
         assert "div.full" not in ptx and "div.approx" not in ptx and "fma.rn.f32" not in ptx, spec
@@ -586,10 +560,4 @@ def test_compiles_for_sm90(tmp_path):
                         has_weight=True),
         norm_quant.spec(10, ["int8<sym,token>", "int8<sym,token>"], [(0, 8), (8, 10)], gather=True),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["MXC_CACHE_DIR"] = str(tmp_path / "sm90")
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
-    proc = subprocess.run([sys.executable, "-c", _SM90, json.dumps([s.to_json() for s in specs])],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert len(proc.stdout.strip().split("\n")) == len(specs)
+    assert len(compile_for_sm90(tmp_path, _SM90, specs)) == len(specs)

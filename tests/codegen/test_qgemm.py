@@ -29,12 +29,8 @@ operands need BLOCK_K >= 32) and the types run too.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-import subprocess
-import sys
 import textwrap
 import zlib
 
@@ -50,6 +46,8 @@ from mxc.ir.packing import pack, to_codes
 from mxc.ir.quant import encode_bits
 from mxc.runtime import ReferenceExecutor
 
+from kernel_helpers import compile_for_sm90, kernel_cache, SM90_PRELUDE  # noqa: F401 (kernel_cache: autouse fixture)
+
 MS = (1, 3, 17, 64)
 KS = (72, 100, 200)
 NS = (40, 96, 33)
@@ -58,12 +56,6 @@ NS = (40, 96, 33)
 EPILOGUES = ((), ("bias",), ("residual",), ("bias", "residual"), ("bias", "silu"), ("gelu_tanh", "residual"),
              ("bias", "gelu", "residual"), ("mul",), ("bias", "mul"))
 U = 2.0**-24
-
-
-@pytest.fixture(autouse=True)
-def kernel_cache(tmp_path, monkeypatch):
-    """Every test compiles into its own empty kernel cache."""
-    monkeypatch.setenv("MXC_CACHE_DIR", str(tmp_path / "kernels"))
 
 
 # --------------------------------------------------------------------------- cases
@@ -539,28 +531,9 @@ class TestLaunchErrors:
 
 # --------------------------------------------------------------------------- GPU compile
 
-_SM90 = textwrap.dedent(
+_SM90 = SM90_PRELUDE + textwrap.dedent(
     """
-    import json, sys
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from mxc.codegen import KernelSpec, load
     from mxc.ir import IntFormat
-
-    PTR = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32", torch.int8: "*i8", torch.uint8: "*u8"}
-
-    def build(fn, args, consts, cfg):
-        sig, constexprs = {}, dict(consts)
-        for name in fn.arg_names:
-            if name in consts or args.get(name, 0) is None:
-                constexprs.setdefault(name, None)
-                sig[name] = "constexpr"
-            else:
-                sig[name] = PTR[args[name]] if isinstance(args[name], torch.dtype) else args[name]
-        opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-        kernel = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32), options=opts)
-        return len(kernel.asm["cubin"])
 
     done = []
     for text in json.loads(sys.argv[1]):
@@ -580,12 +553,7 @@ _SM90 = textwrap.dedent(
             keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "SPLIT_K", "GROUPS_PER_SPLIT", "TILES_PER_STEP")
             assert build(mod.qgemm_kernel, {**ptrs, **ints}, {k: cfg[k] for k in keys}, cfg) > 0
             if split > 1:
-                red = {k: ptrs[k] for k in ("bias_ptr", "res_ptr", "mul_ptr", "out_ptr")}
-                red["part_ptr"] = f32
-                fn = mod.splitk_reduce_kernel
-                ints = {name: "i32" for name in fn.arg_names if name == "M" or name.startswith("stride")}
-                consts = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "SPLIT_K")}
-                assert build(fn, {**red, **ints}, consts, cfg) > 0
+                assert build_reduce(mod, ptrs, cfg) > 0
             done.append(f"{spec} max_m={cfg['MAX_M']}")
     print("\\n".join(done))
     """
@@ -608,12 +576,4 @@ def test_compiles_for_sm90(tmp_path):
         qgemm.spec(1000, 4096, "fp8e4m3<block16>", "nvfp4", out_dtype="f16"),
         qgemm.spec(4096, 4000, "int8<sym,tensor>", "int6<asym,g100>"),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["MXC_CACHE_DIR"] = str(tmp_path / "sm90")
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
-    proc = subprocess.run(
-        [sys.executable, "-c", _SM90, json.dumps([s.to_json() for s in specs])],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert len(proc.stdout.strip().split("\n")) == 2 * len(specs)
+    assert len(compile_for_sm90(tmp_path, _SM90, specs)) == 2 * len(specs)

@@ -13,11 +13,7 @@ contiguous) or contiguous; cos / sin [1, 1, s, d], [b, 1, s, d] or [s, d]; d = 6
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 import textwrap
 import zlib
 from pathlib import Path
@@ -27,26 +23,14 @@ import torch
 
 from mxc.codegen import LaunchError, Tiles, load
 from mxc.codegen.templates import rope_kv
-from mxc.ir import FloatFormat, IntFormat, parse, parse_format
+from mxc.ir import FloatFormat, parse, parse_format
 from mxc.ir.printer import region_of
-from mxc.ir.quant import encode_bits
 from mxc.runtime.reference import IMPLS, ReferenceExecutor
+
+from kernel_helpers import compile_for_sm90, kernel_cache, SM90_PRELUDE, storage  # noqa: F401 (kernel_cache: autouse fixture)
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "fuse"
 TORCH = {"f16": torch.float16, "f32": torch.float32}
-
-
-@pytest.fixture(autouse=True)
-def kernel_cache(tmp_path, monkeypatch):
-    """Every test compiles into its own empty kernel cache."""
-    monkeypatch.setenv("MXC_CACHE_DIR", str(tmp_path / "kernels"))
-
-
-def storage(fmt, codes: torch.Tensor) -> torch.Tensor:
-    """Reference codes (grid values as float32) in the kernel-backend storage convention."""
-    if isinstance(fmt, IntFormat):
-        return codes.to(torch.int8 if fmt.symmetric else torch.uint8)
-    return encode_bits(codes, fmt.spec).to(torch.uint8)
 
 
 def reference(x, cos, sin, fmts):
@@ -230,15 +214,9 @@ def test_spec_refusals(kwargs, match):
         rope_kv.spec(64, **kwargs)
 
 
-_SM90 = textwrap.dedent(
+_SM90 = SM90_PRELUDE + textwrap.dedent(
     """
-    import json, sys
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from mxc.codegen import KernelSpec, load
 
-    PTR = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int8: "*i8", torch.uint8: "*u8"}
     for text in json.loads(sys.argv[1]):
         spec = KernelSpec.from_json(text)
         mod = load(spec)
@@ -246,12 +224,7 @@ _SM90 = textwrap.dedent(
         ptrs = {"x_ptr": x, "cos_ptr": x, "sin_ptr": x, "y_ptr": x if spec.option("float_out") else None}
         for i, o in enumerate(mod.QUANT_OUTPUTS):
             ptrs.update({f"q{i}_ptr": o["codes"], f"s{i}_ptr": torch.float32, f"z{i}_ptr": torch.float32})
-        fn = mod.rope_kv_kernel
-        sig = {n: (PTR[ptrs[n]] if ptrs.get(n) is not None else "constexpr") if n.endswith("_ptr") else "i32" for n in fn.arg_names}
-        t = spec.tiles[0]
-        k = triton.compile(ASTSource(fn, sig, {n: None for n, v in sig.items() if v == "constexpr"}),
-                           target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": t.num_warps, "num_stages": t.num_stages, "enable_fp_fusion": False})
+        k = build_row(mod.rope_kv_kernel, ptrs, spec.tiles[0])
         assert "fma.rn.f32" not in k.asm["ptx"] and "div.full" not in k.asm["ptx"], spec
         print(spec, len(k.asm["cubin"]))
     """
@@ -265,10 +238,4 @@ def test_compiles_for_sm90(tmp_path):
         rope_kv.spec(128, ["int8<sym,token>", "int4<asym,g32>"], float_out=True, x_dtype="f16"),
         rope_kv.spec(80, ["fp8e4m3<token>"], tiles=(Tiles(None, 16, 16, 16),)),
     ]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["MXC_CACHE_DIR"] = str(tmp_path / "sm90")
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
-    proc = subprocess.run([sys.executable, "-c", _SM90, json.dumps([s.to_json() for s in specs])],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert len(proc.stdout.strip().split("\n")) == len(specs)
+    assert len(compile_for_sm90(tmp_path, _SM90, specs)) == len(specs)

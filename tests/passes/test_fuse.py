@@ -23,43 +23,16 @@ import torch
 
 import mxc
 from mxc.ir import Graph, Node, ParseError, VerificationError, parse, verify
-from mxc.ir.ops import quant_parts
 from mxc.passes import PASSES, run_pipeline
 from mxc.passes.fuse import KINDS, fuse
-from mxc.passes.quantize import quantize_weight
 from mxc.runtime import ReferenceExecutor
 from mxc.runtime.reference import ExecutionError
 from golden_files import check_golden
+from graph_helpers import with_random_weights
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "fuse"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
 SIZES = [{"b": 1, "s": 1}, {"b": 3, "s": 7}, {"b": 2, "s": 13}]
-
-
-def with_random_weights(graph: Graph, seed: int = 0) -> Graph:
-    """Float consts get normal values; the quantized consts a `dequantize` or a `qlinear`
-    reads get the parts of a round-to-nearest quantization of a random tensor."""
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for n in graph.nodes:
-        if n.op == "dequantize" and all(v.node.op == "const" for v in n.inputs):
-            fmt, consts = n.get("format"), n.inputs
-        elif n.op == "qlinear":
-            fmt, na = n.get("weight"), len(quant_parts(n.get("act")))
-            consts = n.inputs[na : na + len(quant_parts(fmt))]
-        else:
-            continue
-        w = torch.randn(consts[0].type.shape, generator=gen)
-        parts, _ = quantize_weight(w, fmt, method="rtn", clip_search=False, hessian=None)
-        weights.update((v.node.get("name"), parts[p]) for v, p in zip(consts, quant_parts(fmt)))
-    for n in graph.nodes:
-        if n.op == "const" and n.get("name") not in weights:
-            t = n.types[0]
-            if t.dtype.kind == "int":  # a reorder gather's index: a permutation of the channels
-                weights[n.get("name")] = torch.randperm(t.shape[0], generator=gen)
-            else:
-                weights[n.get("name")] = torch.randn(t.shape, generator=gen)
-    return graph.replace(weights=weights)
 
 
 def random_inputs(graph: Graph, sizes: dict[str, int], seed: int = 0) -> list[torch.Tensor]:

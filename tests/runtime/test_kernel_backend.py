@@ -32,12 +32,11 @@ from mxc import Plan, Rule
 from mxc.codegen import KernelSpec, LaunchError, kernel_path
 from mxc.codegen.lower import lower
 from mxc.ir import FloatFormat, IntFormat, flags, parse, parse_format
-from mxc.ir.ops import quant_parts
 from mxc.ir.quant import decode_bits, encode_bits
 from mxc.passes import run_pipeline
-from mxc.passes.quantize import quantize_weight
 from mxc.runtime import BackendError, InputError, InterpretExecutor, ReferenceExecutor, TritonExecutor
 from mxc.runtime.storage import from_storage, storage_dtype, to_storage
+from graph_helpers import with_random_weights
 
 RTOL = 1e-5
 SHAPES = [(1, 1), (3, 1), (1, 17)]  # (b, s): M = 1, 3, 17
@@ -160,33 +159,13 @@ def test_quantized_activations_cross_between_kernels_and_fallbacks(compiled, pla
         assert_logits_close(got, want, f"{plan} (b, s) = {(b, s)}")
 
 
-def _random_weights(graph):
-    """The golden graph with weights: each qlinear's weight parts quantized from a normal
-    tensor (round to nearest), a permutation for each reorder index, normal floats else."""
-    gen = torch.Generator().manual_seed(0)
-    weights = {}
-    for n in graph.nodes:
-        if n.op == "qlinear":
-            fmt, na = n.get("weight"), len(quant_parts(n.get("act")))
-            consts = n.inputs[na : na + len(quant_parts(fmt))]
-            w = torch.randn(consts[0].type.shape, generator=gen)
-            parts, _ = quantize_weight(w, fmt, method="rtn", clip_search=False, hessian=None)
-            weights.update((v.node.get("name"), parts[p]) for v, p in zip(consts, quant_parts(fmt)))
-    for n in graph.nodes:
-        if n.op == "const" and n.get("name") not in weights:
-            t = n.types[0]
-            weights[n.get("name")] = (torch.randperm(t.shape[0], generator=gen) if t.dtype.kind == "int"
-                                      else torch.randn(t.shape, generator=gen))
-    return graph.replace(weights=weights)
-
-
 def test_reordered_channels():
     """The reorder pass's groups (tests/golden/fuse/reordered): a norm that gathers its row
     and quantizes two channel ranges, an act_quant gather, int8 outlier GEMMs added in the
     main GEMM's epilogue, and a gathered layer_norm with bias whose float row is the output:
     all kernels, matching the reference."""
     before = parse((Path(__file__).parents[1] / "golden" / "fuse" / "reordered.before.mxir").read_text())
-    g = run_pipeline(_random_weights(before), ["layout", "fuse"], verify=True).graph
+    g = run_pipeline(with_random_weights(before), ["layout", "fuse"], verify=True).graph
     ex, ref = InterpretExecutor(g), ReferenceExecutor(g)
     assert ex.fallbacks() == {}
     kernels = ex.kernels()
