@@ -54,8 +54,12 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     check every node's result shape at run time (default: the `MXC_DEBUG` flag).
     `calibration`: a tokenizer (windows of real text are cut from `mxc.eval.default_text()`,
     never overlapping the perplexity windows) or a list of token-id tensors; it enables GPTQ
-    and the clipping search of plans whose method is "auto".
+    and the clipping search of plans whose method is "auto". A plan "auto:3.5" (average bits
+    per weight) or "auto:90MB" (model bytes) is `Plan.auto(model, budget, calibration=...)`:
+    formats allocated from sensitivity measured on the calibration data, which it needs.
     """
+    if isinstance(plan, str) and plan.startswith("auto:") and not os.path.exists(plan):
+        plan = Plan.auto(model, plan.removeprefix("auto:"), calibration=calibration, example_inputs=example_inputs)
     plan = None if plan is None else Plan.coerce(plan)
     if backend == "auto":
         backend = auto_backend()

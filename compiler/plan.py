@@ -23,6 +23,12 @@ input channels the reorder pass moves last and the quantize pass keeps at `outli
 default `{"weight": "int8<sym,channel>", "act": "int8<sym,token>"}`, "float" for f32; needs
 calibration data). `passes` switches passes of the pipeline off: `{"reorder": False}` (any of
 `SWITCHABLE_PASSES`; the report then says "reorder off (plan)").
+
+`Plan.auto(model, budget, calibration=...)` (and the presets "auto:3.5", "auto:90MB" of
+`mxc.compile`) allocates formats from measured sensitivity under a budget (`mxc.autoplan`):
+an ordinary plan with one exact-path rule per layer, whose `notes["allocation"]` keeps every
+candidate's measured error for `explain()`. `notes` is free-form JSON data saved with the plan;
+it does not change what the plan compiles to.
 """
 
 from __future__ import annotations
@@ -122,10 +128,14 @@ class Plan:
     smooth: float | None = None
     name: str | None = None
     passes: dict = field(default_factory=dict)
+    #: JSON data about the plan that compiles to nothing: `Plan.auto` keeps its measured
+    #: sensitivities under "allocation" (`explain()` shows them).
+    notes: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
         object.__setattr__(self, "passes", dict(self.passes or {}))
+        object.__setattr__(self, "notes", dict(self.notes or {}))
         for key, on in self.passes.items():
             if key not in SWITCHABLE_PASSES:
                 raise ValueError(
@@ -200,6 +210,7 @@ class Plan:
             "default": self.default.to_dict(),
             "rules": [r.to_dict() for r in self.rules],
             **({"passes": dict(self.passes)} if self.passes else {}),
+            **({"notes": self.notes} if self.notes else {}),
         }
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
@@ -210,7 +221,7 @@ class Plan:
 
     @staticmethod
     def from_dict(data: dict) -> "Plan":
-        known = {"name", "method", "clip_search", "smooth", "default", "rules", "passes"}
+        known = {"name", "method", "clip_search", "smooth", "default", "rules", "passes", "notes"}
         extra = sorted(set(data) - known)
         if extra:
             raise ValueError(f"plan has unknown key(s) {extra}; expected {sorted(known)}")
@@ -222,6 +233,7 @@ class Plan:
             smooth=data.get("smooth"),
             name=data.get("name"),
             passes=data.get("passes") or {},
+            notes=data.get("notes") or {},
         )
 
     @staticmethod
@@ -244,6 +256,25 @@ class Plan:
             raise ValueError(f"unknown plan preset {name!r}; expected one of {', '.join(PRESETS)}") from None
 
     @staticmethod
+    def auto(model: Any, budget: Any, candidates: Any = None, calibration: Any = None, objective: str = "kl",
+             *, progress: bool = True, example_inputs: Any = None) -> "Plan":
+        """The plan of least predicted error under `budget`: average bits per weight (3.5,
+        "3.5bits") or model bytes ("90MB"). Measures each candidate format's effect on the
+        model alone (`mxc.sensitivity.measure`, objective "kl", "ce" or "proxy", on
+        `calibration`: a tokenizer or token-id tensors) and solves exactly
+        (`mxc.passes.allocate.solve`). `candidates`: a list of formats for every linear's
+        weight, or a dict by tensor kind or tensor-name glob (default
+        `mxc.autoplan.DEFAULT_CANDIDATES`: int2 to int8 weights, lm_head float).
+
+            plan = Plan.auto(model, 3.5, calibration=tokenizer)
+            print(plan.explain())   # the rule per layer, and each candidate's error
+        """
+        from .autoplan import auto_plan
+
+        return auto_plan(model, budget, candidates, calibration, objective, progress=progress,
+                         example_inputs=example_inputs)
+
+    @staticmethod
     def coerce(plan: "Plan | str | dict | os.PathLike") -> "Plan":
         """A plan from a Plan, a preset name, a dict, JSON text or a JSON file path."""
         if isinstance(plan, Plan):
@@ -254,6 +285,10 @@ class Plan:
             return PRESETS[plan]
         if isinstance(plan, (str, os.PathLike)) and (str(plan).lstrip().startswith("{") or _is_file(plan)):
             return Plan.from_json(plan)
+        if isinstance(plan, str) and plan.startswith("auto:"):
+            raise ValueError(f"plan {plan!r} is allocated from the model's measured sensitivity: pass it to "
+                             f"mxc.compile(model, {plan!r}, calibration=tokenizer), or build it with "
+                             f"Plan.auto(model, {plan.removeprefix('auto:')!r}, calibration=tokenizer)")
         raise ValueError(f"unknown plan {plan!r}: expected a Plan, a JSON file or text, or a preset: {', '.join(PRESETS)}")
 
     def explain(self, layers: Any = None) -> str:
@@ -269,11 +304,15 @@ class Plan:
         if layers is None:
             for r in (*self.rules, replace(self.default, match="* (default)")):
                 lines.append(f"  {r.match:<32} {r.op:<9} weight {_s(r.weight):<34} act {_s(r.act):<18} kv {_s(r.kv)}")
-            return "\n".join(lines)
-        lines.append(f"  {'layer':<40} {'rule':<20} {'weight':<34} {'act':<18} kv")
-        for path, op in layers:
-            r = self.rule_for(path, op)
-            lines.append(f"  {path:<40} {r.match:<20} {_s(r.weight):<34} {_s(r.act):<18} {_s(r.kv)}")
+        else:
+            lines.append(f"  {'layer':<40} {'rule':<20} {'weight':<34} {'act':<18} kv")
+            for path, op in layers:
+                r = self.rule_for(path, op)
+                lines.append(f"  {path:<40} {r.match:<20} {_s(r.weight):<34} {_s(r.act):<18} {_s(r.kv)}")
+        if "allocation" in self.notes:
+            from .autoplan import allocation_lines
+
+            lines += allocation_lines(self.notes["allocation"])
         return "\n".join(lines)
 
 

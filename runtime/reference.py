@@ -367,6 +367,18 @@ class Run:
     def operands(self, node: Node) -> list[torch.Tensor]:
         return [self.env[v.node][v.index] for v in node.inputs]
 
+    def fork(self) -> "Run":
+        """A run at this run's position holding the same live values (shared, not copied: no
+        op writes a tensor in place), to advance on its own, e.g. with an observer that
+        changes one node, while this run goes on unchanged (sensitivity analysis).
+
+            run.advance(i); alt = run.fork(); alt.advance(len(nodes), observer)
+        """
+        other = Run.__new__(Run)
+        other.executor, other.frame, other.position = self.executor, self.frame, self.position
+        other.env = dict(self.env)
+        return other
+
     def advance(self, stop: int, observer: Observer | None = None) -> None:
         ex, nodes = self.executor, self.executor.graph.nodes
         with torch.no_grad():

@@ -1,0 +1,172 @@
+"""Automatic plans: measured sensitivity, then the exact allocation under a budget.
+
+    plan = mxc.Plan.auto(model, 3.5, calibration=tokenizer)      # 3.5 average bits per weight
+    plan = mxc.Plan.auto(model, "90MB", calibration=tokenizer)   # the whole model in 90 MB
+    q = mxc.compile(model, "auto:3.5", calibration=tokenizer)    # the same, as a preset
+    print(plan.explain())                                        # per tensor: each candidate's error, the chosen one
+
+`auto_plan` measures every candidate on every tensor (`mxc.sensitivity.measure`), solves the
+multiple-choice knapsack exactly (`mxc.passes.allocate.solve`) and returns an ordinary `Plan`:
+one exact-path rule per layer, float by default, and the figures that chose each format in
+`plan.notes["allocation"]` (saved with the plan's JSON, shown by `plan.explain()`).
+
+Budgets: a number, or text such as "3.5" or "3.5bits", is average bits per weight over the
+allocated weights (Σ bits·numel / Σ numel, scales included); text with a byte unit ("90MB",
+"85.5MiB", "2GB", "120000000B"; MB = 10⁶ bytes, MiB = 2²⁰) is the model's weight bytes: the
+allocated weights plus every tensor left in float (embeddings, norms, lm_head) at its size in
+the model. Weights count as `format_bytes` has them: ceil(bits·N·K/8) bytes of codes; the
+layout pass stores each row in whole int32 words, which adds a few bytes per row when bits·K
+is not a multiple of 32 (never for SmolLM2's K = 576 and 1536 at 2, 3, 4 or 8 bits).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+#: The candidates of `Plan.auto` when none are given: weight formats from 2 to 8 bits for
+#: every linear but lm_head, which stays float as in the presets (it dominates the error of
+#: small models); activations and the KV cache stay float. Keys as `mxc.sensitivity.measure`
+#: reads them: a tensor kind or a glob over tensor names, the first match wins ([]: not allocated).
+DEFAULT_CANDIDATES: dict[str, list[str]] = {
+    "lm_head:weight": [],
+    "weight": ["int2<asym,g64>", "int3<asym,g128>", "int4<asym,g128>", "int4<asym,g32>", "int8<sym,channel>"],
+}
+KINDS = ("weight", "act", "kv")
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_BUDGET = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([a-zA-Z/]*)\s*")
+
+
+def parse_budget(budget: Any) -> tuple[str, float]:
+    """("bits", average bits per weight) or ("bytes", model bytes) from a number or text.
+
+        parse_budget(3.5) -> ("bits", 3.5)      parse_budget("90MB") -> ("bytes", 90000000.0)
+    """
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        kind, value = "bits", float(budget)
+    elif isinstance(budget, str) and (m := _BUDGET.fullmatch(budget)):
+        value = float(m[1]) * 10 ** int(m[2] or 0)
+        unit = m[3].lower()
+        if unit in ("", "bit", "bits", "b/w"):
+            kind = "bits"
+        elif unit in _UNITS:
+            kind, value = "bytes", value * _UNITS[unit]
+        else:
+            raise ValueError(f"budget {budget!r}: unknown unit {m[3]!r}; expected bits (\"3.5\", \"3.5bits\") "
+                             f"or bytes ({', '.join(u.upper().replace('I', 'i') for u in _UNITS)})")
+    else:
+        raise ValueError(f"budget {budget!r}: expected average bits per weight (3.5, \"3.5bits\") or model bytes "
+                         "(\"90MB\", \"85MiB\")")
+    if not value > 0:
+        raise ValueError(f"budget {budget!r} must be positive")
+    return kind, value
+
+
+def measured_kinds(candidates: Any) -> tuple[str, ...]:
+    """The tensor kinds a candidates list or dict asks to measure: a list is for weights; a
+    dict's keys are kinds or globs over tensor names ending in ":<kind>"."""
+    if not isinstance(candidates, dict):
+        return ("weight",)
+    kinds = set()
+    for key, fmts in candidates.items():
+        kind = key if key in KINDS else key.rpartition(":")[2] if key.rpartition(":")[2] in KINDS else "weight"
+        if fmts:
+            kinds.add(kind)
+    return tuple(k for k in KINDS if k in kinds)
+
+
+def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any = None, objective: str = "kl",
+              *, progress: bool = True, example_inputs: Any = None):
+    """The plan of least predicted error under `budget` (see the module docstring)."""
+    from . import sensitivity
+    from .passes.allocate import BudgetError, average_bits, solve, total_bytes, total_error
+    from .plan import Plan, Rule
+
+    kind, value = parse_budget(budget)
+    if calibration is None:
+        raise ValueError(f"an automatic plan (budget {budget!r}) is allocated from sensitivity measured on calibration "
+                         "text: pass calibration=tokenizer (real text) or a list of token-id tensors")
+    candidates = DEFAULT_CANDIDATES if candidates is None else candidates
+    measured = sensitivity.measure(model, candidates, calibration, objective=objective,
+                                   tensors=measured_kinds(candidates), progress=progress, example_inputs=example_inputs)
+    if not measured:
+        raise ValueError(f"no tensor of the model matches the candidates {candidates!r}")
+    fixed = _unallocated_bytes(model, measured)
+    if kind == "bits":
+        solution = solve(measured, budget_bits=value)
+    else:
+        try:
+            solution = solve(measured, budget_bytes=int(value) - fixed)
+        except BudgetError as e:
+            least = e.least + fixed
+            raise BudgetError(f"budget of {int(value)} model bytes is infeasible: the smallest feasible budget is "
+                              f"{least} bytes ({least / 1e6:.3f} MB: every allocated tensor at its smallest candidate, "
+                              f"{fixed} bytes of float tensors left as they are)", least) from None
+    layers: dict[tuple[str, str], dict] = {}
+    for tensor, choice in solution.items():
+        path, _, what = tensor.rpartition(":")
+        op = "attention" if what == "kv" else "linear"
+        layers.setdefault((path, op), {})[what] = choice.fmt
+    rules = tuple(Rule(path, op=op, **fmts) for (path, op), fmts in layers.items())
+    shown = f"{value:g}" if kind == "bits" else str(budget).replace(" ", "")
+    notes = {"allocation": {
+        "budget": {"bits": value} if kind == "bits" else {"bytes": int(value)},
+        "float_bytes": fixed,  # the model's tensors left out of the allocation, at their size
+        "objective": objective,
+        "predicted_error": total_error(solution),
+        "average_bits": average_bits(solution),
+        "bytes": total_bytes(solution) + fixed,  # the model's weight bytes
+        "measured": {"tokens": getattr(measured, "tokens", None), "seconds": round(getattr(measured, "seconds", 0.0), 3)},
+        "tensors": {
+            tensor: {
+                "chosen": _text(solution[tensor].fmt),
+                "candidates": [{"format": _text(c.fmt), "bits": c.bits, "bytes": c.bytes, "error": c.error}
+                               for c in row],
+            }
+            for tensor, row in measured.items()
+        },
+    }}
+    return Plan(rules=rules, default=Rule(), name=f"auto:{shown}", notes=notes)
+
+
+def _unallocated_bytes(model: Any, measured: dict) -> int:
+    """The bytes of the model's parameters and buffers that no allocated weight covers (each
+    tensor once, tied weights included), at their size in the model: an upper bound on what
+    the compiled model keeps of them (a buffer the graph does not read counts too)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"a byte budget needs the model's tensors: expected a torch module, got {type(model).__name__}")
+    allocated = {id(model.get_submodule(t.rpartition(":")[0]).weight) for t in measured if t.endswith(":weight")}
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in seen and id(t) not in allocated:
+            total += t.numel() * t.element_size()
+        seen.add(id(t))
+    return total
+
+
+def _text(fmt: Any) -> str:
+    return "float" if fmt is None else str(fmt)
+
+
+def allocation_lines(allocation: dict) -> list[str]:
+    """`explain()`'s table of an automatic plan: per tensor, each candidate's measured error
+    (the objective increase when only that tensor takes it), the chosen one starred; tensors
+    with the same candidates share a header."""
+    budget = allocation["budget"]
+    limit = f"{budget['bits']:g} average bits per weight" if "bits" in budget else f"{budget['bytes']} model bytes"
+    lines = [
+        f"  allocation under {limit}: objective {allocation['objective']}, predicted increase "
+        f"{allocation['predicted_error']:.4g}, {allocation['average_bits']:.3f} average bits, "
+        f"{allocation['bytes']} bytes (errors: increase when only that tensor takes the format; * chosen)"
+    ]
+    header = None
+    for tensor, row in allocation["tensors"].items():
+        fmts = [c["format"] for c in row["candidates"]]
+        if fmts != header:
+            header = fmts
+            lines.append(f"  {'tensor':<44} " + " ".join(f"{f:>18}" for f in fmts))
+        cells = [f"{c['error']:.3e}" + ("*" if c["format"] == row["chosen"] else " ") for c in row["candidates"]]
+        lines.append(f"  {tensor:<44} " + " ".join(f"{cell:>18}" for cell in cells))
+    return lines

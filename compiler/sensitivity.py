@@ -1,0 +1,388 @@
+"""Sensitivity: how much the model suffers when ONE tensor takes a number format.
+
+    choices = mxc.sensitivity.measure(model, ["int3<asym,g128>", "int4<asym,g128>", None], tokenizer)
+    choices["model.layers.3.mlp.down_proj:weight"]     # [Choice(fmt=int3<...>, error=0.021, ...), ...]
+    choices.seconds, choices.tokens                    # what the measurement cost and saw
+
+For every quantizable tensor — each linear's weight ("<path>:weight"), each linear's input
+activation ("<path>:act"), each attention's keys and values ("<path>:kv") — and every
+candidate format, the error is the increase of the objective when only that tensor is
+quantized, on real calibration text:
+
+- "kl": mean KL(p_float ‖ p_quant) of the next-token distributions, over every position of
+  every calibration sequence (nats/token);
+- "ce": the increase of the next-token cross entropy (nats/token; may be negative);
+- "proxy": the Hessian-weighted relative output error of each weight, squared
+  (`mxc.passes.clip.output_error(W, fake(W), H)²`, H = XᵀX/n from calibration). It costs one
+  calibration pass instead of one partial forward per (tensor, format), but ranks tensors
+  only approximately: the KL is measured exactly on `check` evenly spaced tensors and the
+  Spearman rank correlation of the two is kept as `result.correlation`.
+
+Weights are rounded to nearest (`fmt.fake(W)`): GPTQ per candidate would cost a GPTQ run per
+(layer, format); activations and KV take the format's dynamic (per token) scales, as the
+quantize pass emits them. A float candidate (None or "float") costs nothing: error 0.
+
+Cost: the model is captured once; its float graph runs once over the calibration batches
+for the reference log-probabilities, then once more, node by node, and at each quantizable
+tensor the run is forked (`Run.fork`: the live float values are shared) and only the rest of
+the graph — from that node to the logits — is recomputed with the tensor replaced. Nothing
+before the tensor runs again, and memory holds one float run and one fork.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .calibrate import Calibration
+from .ir import Graph, Node, NumberFormat
+from .passes.allocate import Choice
+from .passes.clip import output_error
+from .passes.quantize import format_bytes, layer_path
+from .plan import _fmt
+from .runtime import ReferenceExecutor
+
+OBJECTIVES = ("kl", "ce", "proxy")
+KINDS = ("weight", "act", "kv")
+#: Calibration sequences of one shape are stacked into batches of at most this many tokens
+#: (larger GEMMs run faster; the logits of a batch take tokens · vocab · 4 bytes, twice).
+BATCH_TOKENS = 2048
+#: Positions whose log-probabilities are taken at once (float64: rows · vocab · 8 bytes, 4 times).
+SCORE_ROWS = 256
+#: Tensors on which objective "proxy" measures the KL too, to report its rank correlation.
+PROXY_CHECK = 16
+
+
+@dataclass(frozen=True)
+class Target:
+    """A quantizable tensor: `tensor` ("<path>:<kind>"), the node at body position `index`
+    that reads it, which of its operands it is, and its size (`numel` 0 for act / kv)."""
+
+    tensor: str
+    kind: str
+    index: int
+    operands: tuple[int, ...]
+    shape: tuple[int, ...]
+    numel: int
+
+    @property
+    def k(self) -> int:
+        """The length of the axis formats scale along (the reduction axis, the head dim)."""
+        return int(self.shape[-1])
+
+
+class Sensitivity(dict):
+    """`{tensor: [Choice, ...]}` (candidates in the order given) with what was measured:
+    `objective`, `tokens` (calibration tokens seen), `seconds`, and for objective "proxy"
+    `correlation` (Spearman, proxy against measured KL over `checked` tensors)."""
+
+    def __init__(self, choices: dict[str, list[Choice]], *, objective: str, tokens: int, seconds: float,
+                 correlation: float | None = None, checked: tuple[str, ...] = ()):
+        super().__init__(choices)
+        self.objective, self.tokens, self.seconds = objective, tokens, seconds
+        self.correlation, self.checked = correlation, checked
+
+    def describe(self) -> str:
+        """One line: what was measured, on how much text, in how long."""
+        text = f"sensitivity ({self.objective}) of {len(self)} tensors on {self.tokens} tokens in {self.seconds:.1f} s"
+        if self.correlation is not None:
+            text += f"; Spearman correlation with the measured KL on {len(self.checked)} tensors: {self.correlation:.3f}"
+        return text
+
+
+def measure(
+    model: Any,
+    candidates: "dict[str, list[NumberFormat | str | None]] | Sequence[NumberFormat | str | None]",
+    calibration: Any,
+    *,
+    objective: str = "kl",
+    tensors: Sequence[str] = ("weight",),
+    progress: bool = True,
+    check: int = PROXY_CHECK,
+    example_inputs: Any = None,
+) -> Sensitivity:
+    """Each tensor's `Choice`s: one per candidate format, with its measured `error` (see the
+    module docstring). `model`: a torch module, captured here as `mxc.compile` does.
+
+    `candidates`: a list of formats (or their text; None / "float" keeps float) for every
+    tensor, or a dict whose keys are a kind ("weight", "act", "kv") or a glob over tensor
+    names ("*.mlp.down_proj:weight"); the first matching key wins, and a tensor no key
+    matches is not measured. `calibration`: a tokenizer (windows of real text, as
+    `mxc.compile` cuts them) or a list of token-id tensors. `tensors`: the kinds measured.
+    `check`: for objective "proxy", how many tensors also get the measured KL."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown sensitivity objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    bad = [k for k in tensors if k not in KINDS]
+    if bad:
+        raise ValueError(f"unknown tensor kind(s) {bad}; expected some of {', '.join(KINDS)}")
+    if objective == "proxy" and set(tensors) != {"weight"}:
+        raise ValueError("the proxy objective (Hessian-weighted output error) covers weights only: tensors=('weight',)")
+    start = time.perf_counter()
+    graph, batches, ids = prepare(model, calibration, example_inputs)
+    plan = {t: formats_for(candidates, t) for t in targets(graph, tensors)}
+    plan = {t: fmts for t, fmts in plan.items() if fmts}
+    tokens = sum(int(x.numel()) for x in ids)
+    if objective == "proxy":
+        errors = proxy_errors(graph, batches, plan, progress=progress)
+        picked = _evenly(list(plan), check)
+        measured = Suffixes(graph, batches, ids, "kl").errors({t: plan[t] for t in picked}, progress=progress)
+        pairs = [(errors[t][i], measured[t][i]) for t in picked for i, f in enumerate(plan[t]) if f is not None]
+        corr = spearman([p for p, _ in pairs], [m for _, m in pairs]) if len(pairs) > 1 else float("nan")
+        return Sensitivity(_choices(graph, plan, errors), objective=objective, tokens=tokens,
+                           seconds=time.perf_counter() - start, correlation=corr,
+                           checked=tuple(t.tensor for t in picked))
+    errors = Suffixes(graph, batches, ids, objective).errors(plan, progress=progress)
+    return Sensitivity(_choices(graph, plan, errors), objective=objective, tokens=tokens,
+                       seconds=time.perf_counter() - start)
+
+
+def prepare(model: Any, calibration: Any, example_inputs: Any = None) -> tuple[Graph, list[list[torch.Tensor]], list[torch.Tensor]]:
+    """The canonical float graph of `model` (captured as `mxc.compile` does), the calibration
+    batches as graph inputs (sequences of one shape stacked up to `BATCH_TOKENS`), and each
+    batch's token ids."""
+    from .driver import calibration_inputs
+    from .frontends.torch_export import capture
+    from .passes import run_pipeline
+
+    if calibration is None:
+        raise ValueError("sensitivity is measured on calibration text: pass calibration=tokenizer or token-id batches")
+    if isinstance(model, Graph):
+        raise TypeError("measure needs the model (its call signature binds the calibration batches), not a graph")
+    captured = capture(model, example_inputs)
+    graph = run_pipeline(captured.graph, ["canonicalize"]).graph
+    inputs = calibration_inputs(calibration, captured.call_spec)
+    where = captured.call_spec.inputs.index("input_ids") if "input_ids" in captured.call_spec.inputs else 0
+    batches = _stack(inputs, where)
+    return graph, batches, [b[where] for b in batches]
+
+
+def _stack(inputs: list[list[torch.Tensor]], ids_at: int) -> list[list[torch.Tensor]]:
+    """Consecutive batches of one shape concatenated along the batch axis, `BATCH_TOKENS` at most."""
+    out: list[list[list[torch.Tensor]]] = []
+    for b in inputs:
+        last = out[-1] if out else None
+        if (last is not None and [t.shape[1:] for t in last[0]] == [t.shape[1:] for t in b]
+                and sum(x[ids_at].numel() for x in last) + b[ids_at].numel() <= BATCH_TOKENS):
+            last.append(b)
+        else:
+            out.append([b])
+    return [[torch.cat(parts) for parts in zip(*group)] for group in out]
+
+
+def targets(graph: Graph, kinds: Sequence[str] = ("weight",)) -> list[Target]:
+    """The quantizable tensors of `graph` of the given kinds, in graph order: the weight and
+    the input of every linear whose weight is a constant, the keys and values of every
+    attention (one tensor: the KV cache takes one format)."""
+    out = []
+    for i, node in enumerate(graph.nodes):
+        if node.op == "linear" and node.inputs[1].node.op == "const":
+            path = layer_path(node, node.inputs[1].node)
+            wshape = tuple(int(d) for d in node.inputs[1].type.shape)
+            if "weight" in kinds:
+                out.append(Target(f"{path}:weight", "weight", i, (1,), wshape, math.prod(wshape)))
+            if "act" in kinds:
+                out.append(Target(f"{path}:act", "act", i, (0,), (wshape[1],), 0))
+        elif node.op == "attention" and "kv" in kinds:
+            head = node.inputs[1].type.shape[-1]
+            out.append(Target(f"{layer_path(node)}:kv", "kv", i, (1, 2), (int(head),), 0))
+    return out
+
+
+def formats_for(candidates: Any, target: Target) -> list[NumberFormat | None]:
+    """The candidate formats of `target` (see `measure`), parsed; [] when none applies."""
+    if isinstance(candidates, dict):
+        for key, fmts in candidates.items():
+            if key == target.kind or fnmatch.fnmatchcase(target.tensor, key):
+                break
+        else:
+            return []
+    else:
+        fmts = candidates
+    out = [_fmt(f, f"candidate for {target.tensor}") for f in fmts]
+    for f in out:
+        if f is None:
+            continue
+        if target.kind == "weight" and f.scaling.kind == "token":
+            raise ValueError(f"{target.tensor}: weight candidate {f} scales per token; weights scale per tensor, channel or block")
+        if target.kind != "weight" and f.scaling.kind in ("tensor", "channel"):
+            raise ValueError(
+                f"{target.tensor}: candidate {f} scales per {f.scaling.kind}; sensitivity measures activations and KV "
+                "with dynamic scales (per token or per block)"
+            )
+    return out
+
+
+def _choices(graph: Graph, plan: dict[Target, list], errors: dict[Target, list[float]]) -> dict[str, list[Choice]]:
+    out = {}
+    for t, fmts in plan.items():
+        row = []
+        for f, err in zip(fmts, errors[t]):
+            if t.kind == "weight":
+                size = 4 * t.numel if f is None else format_bytes(f, t.shape)
+            else:
+                size = 0
+            bits = 32.0 if f is None else float(f.effective_bits(t.k))
+            row.append(Choice(t.tensor, f, size, bits, t.numel, float(err)))
+        out[t.tensor] = row
+    return out
+
+
+class Suffixes:
+    """The float graph's runs over the calibration batches and their reference
+    log-probabilities; `errors(plan)` walks the runs once and, at each target, recomputes
+    only the rest of the graph per candidate format (module docstring)."""
+
+    def __init__(self, graph: Graph, batches: list[list[torch.Tensor]], ids: list[torch.Tensor], objective: str):
+        if objective not in ("kl", "ce"):
+            raise ValueError(f"measured objectives are 'kl' and 'ce', got {objective!r}")
+        self.graph, self.batches, self.ids, self.objective = graph, batches, ids, objective
+        self.executor = ReferenceExecutor(graph, check_shapes=False)
+        self.weights = self.executor.weights
+        self.reference = [self._logits(self.executor(b)) for b in batches]
+        self.positions = sum(self._count(x) for x in ids)
+
+    def _logits(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        logits = outputs[0]
+        if logits.dim() != 3:
+            raise ValueError(f"sensitivity needs logits [batch, seq, vocab] as the graph's first output, got {list(logits.shape)}")
+        return logits.float()
+
+    def _count(self, ids: torch.Tensor) -> int:
+        return ids.numel() if self.objective == "kl" else ids.shape[0] * (ids.shape[1] - 1)
+
+    def score(self, batch: int, outputs: list[torch.Tensor]) -> float:
+        """The summed objective increase of one batch's outputs against the float ones.
+        Log-probabilities are taken in float64, `SCORE_ROWS` positions at a time: the KL of
+        an 8-bit tensor (~1e-6 nats) is below float32's rounding of log-probabilities."""
+        ref, got = self.reference[batch], self._logits(outputs)
+        vocab = ref.shape[-1]
+        if self.objective == "ce":
+            ref, got = ref[:, :-1], got[:, :-1]
+            labels = self.ids[batch][:, 1:].reshape(-1, 1)
+        ref, got = ref.reshape(-1, vocab), got.reshape(-1, vocab)
+        total = 0.0
+        for start in range(0, ref.shape[0], SCORE_ROWS):
+            rows = slice(start, start + SCORE_ROWS)
+            p = F.log_softmax(ref[rows].double(), dim=-1)
+            q = F.log_softmax(got[rows].double(), dim=-1)
+            if self.objective == "kl":
+                total += float(F.kl_div(q, p, reduction="sum", log_target=True))
+            else:
+                total += float((p.gather(1, labels[rows]) - q.gather(1, labels[rows])).sum())
+        return total
+
+    def replacement(self, target: Target, fmt: NumberFormat) -> "Replace":
+        """The observer that runs `target`'s node with the tensor in `fmt`."""
+        node = self.graph.nodes[target.index]
+        if target.kind == "weight":
+            w = self.weights[node.inputs[1].node.get("name")]
+            return Replace(node, {1: fmt.fake(w.float()).to(w.dtype)}, None)
+        return Replace(node, {}, (fmt, target.operands))
+
+    def errors(self, plan: dict[Target, list[NumberFormat | None]], *, progress: bool = True) -> dict[Target, list[float]]:
+        """`{target: [error per format]}`: the objective increase per token of each (target,
+        format) alone; None (float) is 0 without running anything."""
+        order = sorted(plan, key=lambda t: t.index)
+        runs = [self.executor.start(b) for b in self.batches]
+        end = len(self.graph.nodes)
+        out: dict[Target, list[float]] = {}
+        total = sum(1 for t in order for f in plan[t] if f is not None)
+        bar = tqdm(total=total, desc=f"sensitivity ({self.objective})", unit="run", disable=not progress or None)
+        try:
+            for t in order:
+                for run in runs:
+                    run.advance(t.index)
+                row = []
+                for fmt in plan[t]:
+                    if fmt is None:
+                        row.append(0.0)
+                        continue
+                    observer = self.replacement(t, fmt)
+                    summed = 0.0
+                    for i, run in enumerate(runs):
+                        alt = run.fork()
+                        alt.advance(end, observer)
+                        summed += self.score(i, alt.outputs())
+                    row.append(summed / self.positions)
+                    bar.update(1)
+                out[t] = row
+        finally:
+            bar.close()
+        return out
+
+
+class Replace:
+    """An executor observer that runs `node` with some operands replaced: `fixed` ({operand
+    index: tensor}) and, when `fake` = (format, operand indices), those operands fake-quantized."""
+
+    def __init__(self, node: Node, fixed: dict[int, torch.Tensor], fake: tuple[NumberFormat, tuple[int, ...]] | None):
+        self.node, self.fixed, self.fake = node, fixed, fake
+
+    def __call__(self, node: Node, operands: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        if node is not self.node:
+            return None
+        out = list(operands)
+        for i, t in self.fixed.items():
+            out[i] = t
+        if self.fake is not None:
+            fmt, which = self.fake
+            for i in which:
+                out[i] = fmt.fake(out[i]).to(out[i].dtype)
+        return out
+
+
+def proxy_errors(graph: Graph, batches: list[list[torch.Tensor]], plan: dict[Target, list[NumberFormat | None]],
+                 *, progress: bool = True) -> dict[Target, list[float]]:
+    """`{target: [output_error(W, fake(W), H)² per format]}` for weight targets, H from one
+    calibration pass over `batches` (layer by layer: one Hessian held at a time)."""
+    cal = Calibration(graph, batches, percentiles=())
+    weights = graph.used_weights()
+    out = {}
+    try:
+        for t in tqdm(sorted(plan, key=lambda t: t.index), desc="sensitivity (proxy)", unit="layer",
+                      disable=not progress or None):
+            node = graph.nodes[t.index]
+            h = cal.stats(layer_path(node, node.inputs[1].node))["hessian"]
+            w = weights[node.inputs[1].node.get("name")].float()
+            out[t] = [0.0 if f is None else output_error(w, f.fake(w), h) ** 2 for f in plan[t]]
+    finally:
+        cal.close()
+    return out
+
+
+def ranks(x: Sequence[float]) -> torch.Tensor:
+    """1-based ranks of `x` (float64), ties given the mean of the ranks they span."""
+    v = torch.as_tensor(list(x), dtype=torch.float64)
+    order = torch.argsort(v, stable=True)
+    r = torch.empty_like(v)
+    r[order] = torch.arange(1, len(v) + 1, dtype=torch.float64)
+    for value in torch.unique(v):
+        tied = v == value
+        if int(tied.sum()) > 1:
+            r[tied] = r[tied].mean()
+    return r
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation of `a` and `b`: the Pearson correlation of their ranks
+    (ties averaged); NaN when either is constant."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman: {len(a)} values against {len(b)}")
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
+    return float((ra * rb).sum()) / den if den > 0 else float("nan")
+
+
+def _evenly(items: list, n: int) -> list:
+    """`n` items spread evenly over `items` (all of them when there are no more than `n`)."""
+    if n >= len(items):
+        return list(items)
+    return [items[round(i * (len(items) - 1) / max(n - 1, 1))] for i in range(n)]

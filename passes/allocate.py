@@ -1,0 +1,219 @@
+"""allocate: automatic bit allocation — one format per tensor, the least summed sensitivity
+under a budget.
+
+    choices = mxc.sensitivity.measure(model, candidates, calibration)   # {tensor: [Choice, ...]}
+
+A `Choice` is one candidate format for one tensor with what it costs (bytes, bits) and the
+measured increase of the objective when only that tensor takes the format. `solve` picks one
+choice per tensor minimising the summed error under a budget, exactly:
+
+    plan = solve(choices, budget_bits=3.5)     # {tensor: Choice}; Σ bits·numel / Σ numel <= 3.5
+    plan = solve(choices, budget_bytes=40e6)   # Σ bytes <= 40 MB
+
+This is the multiple-choice knapsack. It is solved by dynamic programming over an integer
+cost grid, so the optimum is exact (errors are summed in float64): bytes are integers, and
+bits·numel is an integer for every format (N·(bits·K + scale and zero bits·ceil(K/block))),
+so an average-bits budget b becomes the integer limit floor(b·Σnumel) on Σ bits·numel, with b
+read as the decimal the user wrote (3.3 is 33/10, not the binary float below it). Costs are
+shifted by each tensor's cheapest candidate and divided by the gcd of all cost steps (24
+bytes for SmolLM2's linears and the default candidates), which keeps the grid small.
+
+Activations and the KV cache cost no model bytes (`bytes` and `numel` 0): their choices
+count in neither budget, so each takes its least-error candidate (keep float out of their
+candidates to force quantization). Ties in summed error go to the cheaper solution.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from ..ir.formats import NumberFormat
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One candidate format for one tensor.
+
+    `tensor`: "<module path>:weight", "<module path>:act" or "<attention module path>:kv".
+    `fmt`: the format, None to keep float. `bytes`: what the tensor takes in this format
+    (`format_bytes`; float: 4 · numel; act and kv: 0, they cost no model bytes). `bits`: bits
+    per element, scales included (`fmt.effective_bits(k)`; float: 32). `numel`: elements of
+    a weight (for average-bits budgets); 0 for act and kv. `error`: the measured increase of
+    the objective (KL of the logits, nats/token) when only this tensor takes `fmt`.
+    """
+
+    tensor: str
+    fmt: NumberFormat | None
+    bytes: int
+    bits: float
+    numel: int
+    error: float
+
+
+class BudgetError(ValueError):
+    """No choice of formats meets the budget; `least` is the smallest budget that does (in
+    the budget's unit: bytes, or average bits per weight)."""
+
+    def __init__(self, message: str, least: float) -> None:
+        super().__init__(message)
+        self.least = least
+
+
+def solve(
+    choices: dict[str, list[Choice]],
+    *,
+    budget_bytes: int | float | None = None,
+    budget_bits: float | None = None,
+) -> dict[str, Choice]:
+    """One choice per tensor with the least summed `error` such that Σ bytes <= `budget_bytes`
+    or Σ bits·numel / Σ numel <= `budget_bits` (average bits per weight over the tensors
+    with numel > 0). Neither budget: each tensor's least-error choice. Among solutions of
+    equal summed error, the one of least cost wins.
+
+    Raises `BudgetError` (a ValueError) naming the smallest feasible budget when none fits.
+
+        solve({"a:weight": [Choice("a:weight", int2, 10, 2.0, 40, 0.5),
+                            Choice("a:weight", int4, 20, 4.0, 40, 0.1)]}, budget_bytes=15)
+        -> {"a:weight": <the int2 choice>}
+    """
+    if budget_bytes is not None and budget_bits is not None:
+        raise ValueError("solve: give one budget, budget_bytes or budget_bits, not both")
+    names = list(choices)
+    for name in names:
+        if not choices[name]:
+            raise ValueError(f"solve: tensor {name!r} has no candidate choices")
+        if any(c.tensor != name for c in choices[name]):
+            raise ValueError(f"solve: the choices under {name!r} name other tensors: "
+                             f"{sorted({c.tensor for c in choices[name]} - {name})}")
+        if len({c.numel for c in choices[name]}) > 1:
+            raise ValueError(f"solve: the choices for {name!r} disagree on numel: {[c.numel for c in choices[name]]}")
+    if budget_bits is not None:
+        cost = {n: [_bit_cost(c) for c in choices[n]] for n in names}
+        numel = sum(choices[n][0].numel for n in names)
+        if numel == 0:
+            raise ValueError("solve: an average-bits budget needs weights (choices with numel > 0)")
+        # the decimal the user wrote, so that 3.3 bits is 33/10 exactly
+        limit = math.floor(Fraction(repr(float(budget_bits))) * numel)
+    else:
+        cost = {n: [int(c.bytes) for c in choices[n]] for n in names}
+        limit = None if budget_bytes is None else math.floor(budget_bytes)
+    errors = {n: [float(c.error) for c in choices[n]] for n in names}
+    if limit is None:
+        picked = {n: _best(errors[n], cost[n], range(len(choices[n]))) for n in names}
+        return {n: choices[n][picked[n]] for n in names}
+
+    least = sum(min(cost[n]) for n in names)
+    if limit < least:
+        if budget_bits is not None:
+            shown = math.ceil(least / numel * 10**4) / 10**4  # rounded up: the shown figure is feasible
+            raise BudgetError(f"budget of {budget_bits} average bits per weight is infeasible: the smallest "
+                              f"feasible budget is {shown} bits (every tensor at its smallest candidate)", shown)
+        raise BudgetError(f"budget of {limit} bytes is infeasible: the smallest feasible budget is {least} bytes "
+                          "(every tensor at its smallest candidate)", least)
+    picked = _knapsack(names, cost, errors, limit - least)
+    return {n: choices[n][picked[n]] for n in names}
+
+
+def average_bits(solution: dict[str, Choice]) -> float:
+    """Σ bits·numel / Σ numel over the weights (choices with numel > 0) of a solution."""
+    numel = sum(c.numel for c in solution.values())
+    return sum(c.bits * c.numel for c in solution.values()) / numel if numel else float("nan")
+
+
+def total_bytes(solution: dict[str, Choice]) -> int:
+    """Σ bytes of a solution (activations and KV cache count 0)."""
+    return sum(c.bytes for c in solution.values())
+
+
+def total_error(solution: dict[str, Choice]) -> float:
+    """The predicted increase of the objective: Σ error (assumes the errors add up)."""
+    return sum(c.error for c in solution.values())
+
+
+def _bit_cost(c: Choice) -> int:
+    """bits·numel as the integer it is for every format (see the module docstring)."""
+    exact = c.bits * c.numel
+    cost = round(exact)
+    if abs(exact - cost) > 1e-6 * max(1.0, abs(exact)):
+        raise ValueError(f"solve: {c.tensor} in {c.fmt}: bits·numel = {c.bits}·{c.numel} = {exact} is not a "
+                         "whole number of bits")
+    return cost
+
+
+def _best(errors: list[float], costs: list[int], among) -> int:
+    """The index of the least error, then the least cost, then the first."""
+    return min(among, key=lambda j: (errors[j], costs[j], j))
+
+
+def _knapsack(names: list[str], cost: dict[str, list[int]], errors: dict[str, list[float]],
+              slack: int) -> dict[str, int]:
+    """Exact multiple-choice knapsack: indices minimising Σ error with Σ (cost - the
+    tensor's least cost) <= slack.
+
+    Tensors whose candidates all cost the same are decided alone. For the others, a choice
+    dominated by a cheaper-or-equal one of no larger error is dropped, steps are divided by
+    their gcd g, and `table[c]` holds the least error of the tensors so far at exactly c·g
+    above their least cost; each tensor keeps its argmin per cell for the walk back.
+    Time Σ_tensors candidates · cells, memory Σ_tensors cells bytes.
+    """
+    picked: dict[str, int] = {}
+    items = []  # (name, candidate indices, steps)
+    for n in names:
+        base = min(cost[n])
+        keep = _undominated(errors[n], cost[n])
+        if len({cost[n][j] for j in keep}) == 1:
+            picked[n] = keep[0]
+        else:
+            items.append((n, keep, [cost[n][j] - base for j in keep]))
+    if not items:
+        return picked
+    # a budget that fits every tensor's least-error choice needs no search
+    if sum(max(steps) for _, _, steps in items) <= slack:
+        picked.update({n: keep[-1] for n, keep, _ in items})  # undominated: the costliest has the least error
+        return picked
+    g = 0
+    for _, _, steps in items:
+        for d in steps:
+            g = math.gcd(g, d)
+    cells = slack // g
+    table = np.zeros(1)  # least error at exactly c·g above the least cost
+    argmins = []
+    dtype = np.uint8 if max(len(keep) for _, keep, _ in items) <= 256 else np.uint16
+    cand, better = np.empty(cells + 1), np.empty(cells + 1, dtype=bool)
+    for n, keep, steps in items:
+        reach = min(cells, len(table) - 1 + max(steps) // g)
+        new = np.full(reach + 1, np.inf)
+        arg = np.zeros(reach + 1, dtype=dtype)
+        for i, (j, d) in enumerate(zip(keep, steps)):
+            d //= g
+            if d > reach:
+                continue
+            m = min(len(table), reach + 1 - d)
+            np.add(table[:m], errors[n][j], out=cand[:m])
+            np.less(cand[:m], new[d:d + m], out=better[:m])  # strict: the cheaper candidate keeps a tie
+            np.copyto(new[d:d + m], cand[:m], where=better[:m])
+            np.copyto(arg[d:d + m], i, where=better[:m])
+        table = new
+        argmins.append(arg)
+    c = int(np.argmin(table))  # the first minimum: of equal errors, the least cost
+    for (n, keep, steps), arg in zip(reversed(items), reversed(argmins)):
+        i = int(arg[c])
+        picked[n] = keep[i]
+        c -= steps[i] // g
+    assert c == 0, "allocate: the walk back did not return to the least cost"
+    return picked
+
+
+def _undominated(errors: list[float], costs: list[int]) -> list[int]:
+    """Candidate indices in increasing cost, each of strictly less error than every cheaper
+    one (of equal cost and error, the first is kept)."""
+    order = sorted(range(len(costs)), key=lambda j: (costs[j], errors[j], j))
+    keep: list[int] = []
+    for j in order:
+        if not keep or errors[j] < errors[keep[-1]]:
+            keep.append(j)
+    return keep

@@ -1,0 +1,160 @@
+"""Sensitivity measurement (`mxc.sensitivity`) on the tiny Llama: each measured error is the
+KL (or cross-entropy increase) that compiling the whole model with only that tensor
+quantized gives, the cached-suffix recomputation equals a full one, and the proxy's rank
+correlation is Spearman's."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mxc
+from mxc import sensitivity
+from mxc.ir import parse_format
+from mxc.passes.allocate import Choice
+from mxc.passes.quantize import format_bytes
+
+FORMATS = ["int2<asym,g32>", "int3<asym,g32>", "int4<asym,g32>", "int8<sym,channel>"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llama_factory):
+    """A fresh tiny Llama, random calibration tokens, and its weight sensitivities (KL)."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    model = tiny_llama_factory(seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, 131, (24,), generator=gen) for _ in range(3)]
+    result = sensitivity.measure(model, [None, *FORMATS], batches, progress=False)
+    return model, batches, result
+
+
+def _logits(model, plan, ids):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no calibration data: rounded to nearest, as asked
+        return mxc.compile(model, plan)(ids).logits.double()  # log-probs in float64, as measured
+
+
+def _only(path, fmt):
+    rule = mxc.Rule(path, weight=fmt, options={"method": "rtn"})
+    return mxc.Plan(rules=(rule,), default=mxc.Rule(), method="rtn", clip_search=False)
+
+
+def test_choices_cover_every_linear_weight_with_sizes(setup):
+    model, _, result = setup
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(result) == sorted(f"{n}:weight" for n in linears)
+    for tensor, row in result.items():
+        w = model.get_submodule(tensor.removesuffix(":weight")).weight
+        assert [c.fmt for c in row] == [None, *map(parse_format, FORMATS)]
+        assert all(isinstance(c, Choice) and c.tensor == tensor and c.numel == w.numel() for c in row)
+        assert row[0] == Choice(tensor, None, 4 * w.numel(), 32.0, w.numel(), 0.0)  # float: error 0, no run
+        for c in row[1:]:
+            assert c.bytes == format_bytes(c.fmt, tuple(w.shape))
+            assert c.bits == c.fmt.effective_bits(w.shape[1])
+    assert result.objective == "kl" and result.tokens == 3 * 24 and result.correlation is None
+
+
+def test_measured_kl_equals_brute_force_compilation(setup):
+    model, batches, result = setup
+    ids = torch.stack(batches)
+    ref = F.log_softmax(_logits(model, None, ids), -1)
+    tensors = list(result)
+    for tensor in [tensors[0], tensors[5], tensors[-1]]:  # q_proj of layer 0, a later MLP layer, lm_head
+        path = tensor.removesuffix(":weight")
+        for c in result[tensor][1:]:
+            got = F.log_softmax(_logits(model, _only(path, c.fmt), ids), -1)
+            kl = float(F.kl_div(got, ref, reduction="sum", log_target=True)) / ids.numel()
+            assert c.error == pytest.approx(kl, rel=1e-4, abs=1e-8), (tensor, str(c.fmt))
+            assert c.error > 0
+
+
+def test_errors_grow_as_bits_shrink(setup):
+    _, _, result = setup
+    monotone = [all(a.error > b.error for a, b in zip(row[1:], row[2:])) for row in result.values()]
+    assert sum(monotone) >= 0.8 * len(monotone), monotone
+
+
+def test_cross_entropy_objective_equals_brute_force(setup):
+    model, batches, _ = setup
+    fmt = "int2<asym,g32>"
+    path = "model.layers.1.mlp.down_proj"
+    result = sensitivity.measure(model, {f"{path}:weight": [fmt]}, batches, objective="ce", progress=False)
+    assert list(result) == [f"{path}:weight"]
+    ids = torch.stack(batches)
+
+    def ce(logits):
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+
+    want = float(ce(_logits(model, _only(path, fmt), ids)) - ce(_logits(model, None, ids))) / (3 * 23)
+    assert result[f"{path}:weight"][0].error == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+def test_cached_suffix_equals_full_recomputation(setup):
+    model, batches, _ = setup
+    graph, inputs, ids = sensitivity.prepare(model, batches)
+    suffixes = sensitivity.Suffixes(graph, inputs, ids, "kl")
+    for target in sensitivity.targets(graph, ("weight", "act", "kv"))[::4]:
+        fmt = parse_format("int4<sym,g32>" if target.kind == "weight" else "int4<sym,token>")
+        observer = suffixes.replacement(target, fmt)
+        run = suffixes.executor.start(inputs[0])
+        run.advance(target.index)
+        fork = run.fork()
+        fork.advance(len(graph.nodes), observer)
+        full = suffixes.executor(inputs[0], observer)[0]
+        assert torch.equal(fork.outputs()[0], full), target.tensor
+        assert not torch.equal(full, suffixes.executor(inputs[0])[0])
+        run.advance(len(graph.nodes))  # the float run went on unchanged by its fork
+        assert torch.equal(run.outputs()[0], suffixes.executor(inputs[0])[0])
+
+
+def test_activation_and_kv_sensitivity_equal_brute_force(setup):
+    model, batches, _ = setup
+    fmt = "int4<sym,token>"
+    got = sensitivity.measure(model, {"act": [fmt], "kv": [fmt]}, batches, tensors=("act", "kv"), progress=False)
+    assert "model.layers.0.self_attn:kv" in got and "model.layers.1.mlp.up_proj:act" in got
+    assert all(c.bytes == 0 and c.numel == 0 for row in got.values() for c in row)
+    ids = torch.stack(batches)
+    ref = F.log_softmax(_logits(model, None, ids), -1)
+    for tensor, rule in [
+        ("model.layers.1.mlp.up_proj:act", mxc.Rule("model.layers.1.mlp.up_proj", act=fmt)),
+        ("model.layers.0.self_attn:kv", mxc.Rule("model.layers.0.self_attn", op="attention", kv=fmt)),
+    ]:
+        plan = mxc.Plan(rules=(rule,), default=mxc.Rule(), method="rtn", clip_search=False)
+        q = F.log_softmax(_logits(model, plan, ids), -1)
+        kl = float(F.kl_div(q, ref, reduction="sum", log_target=True)) / ids.numel()
+        assert got[tensor][0].error == pytest.approx(kl, rel=1e-4, abs=1e-8), tensor
+
+
+def test_proxy_reports_its_rank_correlation(setup):
+    model, batches, measured = setup
+    result = sensitivity.measure(model, [None, *FORMATS], batches, objective="proxy", check=100, progress=False)
+    assert result.checked == tuple(measured)  # 14 tensors, all checked
+    proxy = [c.error for row in result.values() for c in row[1:]]
+    kl = [c.error for row in measured.values() for c in row[1:]]
+    assert result.correlation == pytest.approx(sensitivity.spearman(proxy, kl), abs=1e-12)
+    assert result.correlation > 0.5  # the proxy ranks (layer, format) pairs roughly as the KL does
+    assert "Spearman" in result.describe()
+
+
+def test_spearman_averages_ties_and_matches_pearson_of_ranks():
+    a = torch.randn(40).tolist()
+    assert sensitivity.spearman(a, [x**3 for x in a]) == pytest.approx(1.0)
+    assert sensitivity.spearman(a, [-x for x in a]) == pytest.approx(-1.0)
+    assert sensitivity.ranks([3.0, 1.0, 3.0, 2.0]).tolist() == [3.5, 1.0, 3.5, 2.0]
+    # ranks [1, 2.5, 2.5, 4] and [1, 3, 2, 4]: 4.5 / sqrt(4.5 · 5)
+    assert sensitivity.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486832980505138)
+    assert math.isnan(sensitivity.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_errors_name_what_is_wrong(tiny_llama):
+    ids = [torch.randint(0, 131, (8,))]
+    with pytest.raises(ValueError, match="objective"):
+        sensitivity.measure(tiny_llama, ["int4<sym,g32>"], ids, objective="mse")
+    with pytest.raises(ValueError, match="calibration"):
+        sensitivity.measure(tiny_llama, ["int4<sym,g32>"], None)
+    with pytest.raises(ValueError, match="per token"):
+        sensitivity.measure(tiny_llama, ["int4<sym,token>"], ids, progress=False)
+    with pytest.raises(ValueError, match="weights only"):
+        sensitivity.measure(tiny_llama, ["int4<sym,token>"], ids, objective="proxy", tensors=("act",))
