@@ -1,4 +1,5 @@
-"""Golden IR files shared by the pass tests: `check_golden(path, text)`.
+"""Golden IR files shared by the pass tests: `golden_before(directory, case, prepare)` reads a
+case's input graph, `check_golden(path, text)` compares a pass's output with its file.
 
 `text` must equal the file at `path`; with MXC_UPDATE_GOLDEN=1 the file is written instead
 (a deliberate refresh, to be reviewed like code)."""
@@ -10,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
+from mxc.ir import Graph, parse, verify
 from mxc.ir.flags import UPDATE_GOLDEN
+
+
+def golden_before(directory: Path, case: str, prepare=lambda g: g) -> tuple[Graph, str]:
+    """The graph of `directory/case.before.mxir` given weights by `prepare`, verified, and its
+    text, which must be in printed form (so the after file diffs against it line by line)."""
+    text = (directory / f"{case}.before.mxir").read_text()
+    graph = verify(prepare(parse(text)))
+    assert str(graph) == text, "the before file is not in printed form (print it with str(parse(text)))"
+    return graph, text
 
 
 def check_golden(path: Path, text: str) -> None:

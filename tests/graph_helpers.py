@@ -4,6 +4,7 @@ linears and their inputs' per-channel abs-max measured independently of the cali
 
 from __future__ import annotations
 
+import sympy
 import torch
 
 from mxc.ir import Graph
@@ -57,3 +58,31 @@ def with_random_weights(graph: Graph, seed: int = 0) -> Graph:
             else:
                 weights[n.get("name")] = torch.randn(t.shape, generator=gen)
     return graph.replace(weights=weights)
+
+
+def golden_inputs(graph: Graph, sizes: dict[str, int], gen: torch.Generator) -> list[torch.Tensor]:
+    """Inputs of `graph` at the size binding `sizes`: normal floats, small integers (0..8)."""
+    subs = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sizes.items()}
+    out = []
+    for node in graph.inputs:
+        t = node.types[0]
+        shape = [d if isinstance(d, int) else int(d.xreplace(subs)) for d in t.shape]
+        out.append(torch.randn(shape, generator=gen) if t.dtype.is_float else torch.randint(0, 9, shape, generator=gen))
+    return out
+
+
+def outlier_norm_llama(graph: Graph, seed: int, outliers: int):
+    """The canonical tiny Llama `graph` with `outliers` channels of every norm weight scaled
+    by 25 (as trained models have: smoothing and reordering have something to act on),
+    two calibration batches and their inputs' per-channel abs-maxima."""
+    from mxc.ir import verify
+
+    gen = torch.Generator().manual_seed(seed)
+    weights = dict(graph.weights)
+    for name in [k for k in weights if k.endswith("norm.weight")]:
+        w = 1.0 + 0.1 * torch.randn(weights[name].shape, generator=gen)
+        w[torch.randperm(w.numel(), generator=gen)[:outliers]] *= 25.0
+        weights[name] = w
+    graph = verify(fresh(graph, weights))
+    batches = [[torch.randint(0, 131, (2, 23), generator=gen)], [torch.randint(0, 131, (1, 37), generator=gen)]]
+    return graph, batches, input_amax(graph, batches)

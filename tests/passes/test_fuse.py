@@ -27,7 +27,7 @@ from mxc.passes import PASSES, run_pipeline
 from mxc.passes.fuse import KINDS, fuse
 from mxc.runtime import ReferenceExecutor
 from mxc.runtime.reference import ExecutionError
-from golden_files import check_golden
+from golden_files import check_golden, golden_before
 from graph_helpers import with_random_weights
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "fuse"
@@ -75,9 +75,7 @@ def test_golden_cases_exist():
 
 @pytest.mark.parametrize("case", CASES)
 def test_golden(case):
-    text = (GOLDEN / f"{case}.before.mxir").read_text()
-    before = verify(with_random_weights(parse(text)))
-    assert str(before) == text, "the before file is not in printed form (print it with str(parse(text)))"
+    before, text = golden_before(GOLDEN, case, with_random_weights)
     after = verify(fuse(before))
     check_golden(GOLDEN / f"{case}.after.mxir", str(after))
     assert (after is before) == (str(after) == text)

@@ -21,7 +21,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-import sympy
 import torch
 
 import mxc
@@ -34,8 +33,8 @@ from mxc.ir.packing import packed_words
 from mxc.passes.quantize import format_bytes, layer_path, quantize
 from mxc.passes.reorder import outlier_count, reorder
 from mxc.runtime import ReferenceExecutor
-from golden_files import check_golden
-from graph_helpers import fresh, input_amax, linears
+from golden_files import check_golden, golden_before
+from graph_helpers import fresh, golden_inputs, input_amax, linears, outlier_norm_llama
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "reorder"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
@@ -79,9 +78,7 @@ def seeded(case: str) -> torch.Generator:
 def golden_graph(case: str) -> tuple[Graph, dict[str, torch.Tensor]]:
     """The parsed before file with seeded weights, and abs-maxima with outliers and a dead
     channel 0 per activation (the layers reading one activation get one tensor)."""
-    text = (GOLDEN / f"{case}.before.mxir").read_text()
-    graph = parse(text)
-    assert str(graph) == text, "the before file is not in printed form (print it with str(parse(text)))"
+    graph, text = golden_before(GOLDEN, case)
     gen = seeded(case)
     weights = {n.get("name"): torch.randn(n.types[0].shape, generator=gen) for n in graph.nodes if n.op == "const"}
     graph = verify(graph.replace(weights=weights))
@@ -171,16 +168,6 @@ def expected_fallbacks(w, amax, meta):
 EXPECTED = {name.removeprefix("expected_"): fn for name, fn in globals().items() if name.startswith("expected_")}
 
 
-def golden_inputs(graph: Graph, sizes: dict[str, int], gen: torch.Generator) -> list[torch.Tensor]:
-    subs = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sizes.items()}
-    out = []
-    for node in graph.inputs:
-        t = node.types[0]
-        shape = [d if isinstance(d, int) else int(d.xreplace(subs)) for d in t.shape]
-        out.append(torch.randn(shape, generator=gen) if t.dtype.is_float else torch.randint(0, 9, shape, generator=gen))
-    return out
-
-
 def test_golden_cases_exist():
     assert set(CASES) == set(EXPECTED) == set(OUTLIERS)
 
@@ -244,16 +231,7 @@ def test_nothing_asked_returns_the_graph_and_all_skipped_records():
 def llama(captured_tiny_llama):
     """The canonical tiny Llama with outlier channels in its norm weights (as trained models
     have), calibration batches and their abs-maxima."""
-    graph = canonicalize(captured_tiny_llama.graph)
-    gen = torch.Generator().manual_seed(77)
-    weights = dict(graph.weights)
-    for name in [k for k in weights if k.endswith("norm.weight")]:
-        w = 1.0 + 0.1 * torch.randn(weights[name].shape, generator=gen)
-        w[torch.randperm(w.numel(), generator=gen)[:3]] *= 25.0
-        weights[name] = w
-    graph = verify(fresh(graph, weights))
-    batches = [[torch.randint(0, 131, (2, 23), generator=gen)], [torch.randint(0, 131, (1, 37), generator=gen)]]
-    return graph, batches, input_amax(graph, batches)
+    return outlier_norm_llama(canonicalize(captured_tiny_llama.graph), seed=77, outliers=3)
 
 
 K8 = 8
