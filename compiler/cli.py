@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 8 when the model has a tokenizer, else 0; 0: no calibration)")
     p.add_argument("--calibration-seq-len", type=int, default=512, metavar="L",
                    help="tokens per calibration window (default: 512)")
-    p.add_argument("--backend", default="reference", choices=sorted(BACKENDS), help="the backend (default: reference)")
+    p.add_argument("--backend", default="reference", choices=[*sorted(BACKENDS), "auto"],
+                   help="the backend (default: reference; auto: triton with a CUDA GPU, else reference)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at DIR")
     p.set_defaults(run=cmd_compile)
 

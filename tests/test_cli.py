@@ -78,6 +78,13 @@ def test_compile_saves_an_artifact_and_prints_the_report(artifacts, model_dir):
     assert str(mxc.load(path).report()) in stdout
 
 
+def test_compile_with_backend_auto_picks_reference_without_a_gpu(model_dir, tmp_path):
+    with pytest.warns(UserWarning, match="backend 'auto' picked 'reference': no CUDA GPU is available"):
+        code, stdout, stderr = cli("compile", model_dir, "-o", tmp_path / "auto", "--backend", "auto")
+    assert code == 0, stderr
+    assert "backend reference" in stdout and mxc.load(tmp_path / "auto").backend == "reference"
+
+
 def test_a_float_artifact_equals_eager_pytorch(artifacts, model_dir):
     from transformers import AutoModelForCausalLM
 
