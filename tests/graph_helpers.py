@@ -4,6 +4,8 @@ linears and their inputs' per-channel abs-max measured independently of the cali
 
 from __future__ import annotations
 
+import zlib
+
 import sympy
 import torch
 
@@ -60,15 +62,23 @@ def with_random_weights(graph: Graph, seed: int = 0) -> Graph:
     return graph.replace(weights=weights)
 
 
+def input_shapes(graph: Graph, sizes: dict[str, int]) -> list[tuple]:
+    """(input type, concrete shape) of each input of `graph` at the size binding `sizes`
+    (symbol name -> size)."""
+    subs = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sizes.items()}
+    return [(n.types[0], [d if isinstance(d, int) else int(d.xreplace(subs)) for d in n.types[0].shape])
+            for n in graph.inputs]
+
+
+def seeded(case: str) -> torch.Generator:
+    """A generator seeded by a golden case's name (stable across runs and machines)."""
+    return torch.Generator().manual_seed(zlib.crc32(case.encode()))
+
+
 def golden_inputs(graph: Graph, sizes: dict[str, int], gen: torch.Generator) -> list[torch.Tensor]:
     """Inputs of `graph` at the size binding `sizes`: normal floats, small integers (0..8)."""
-    subs = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sizes.items()}
-    out = []
-    for node in graph.inputs:
-        t = node.types[0]
-        shape = [d if isinstance(d, int) else int(d.xreplace(subs)) for d in t.shape]
-        out.append(torch.randn(shape, generator=gen) if t.dtype.is_float else torch.randint(0, 9, shape, generator=gen))
-    return out
+    return [torch.randn(shape, generator=gen) if t.dtype.is_float else torch.randint(0, 9, shape, generator=gen)
+            for t, shape in input_shapes(graph, sizes)]
 
 
 def outlier_norm_llama(graph: Graph, seed: int, outliers: int):

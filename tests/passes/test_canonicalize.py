@@ -13,13 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import sympy
 import torch
 
 from mxc.ir import DType, Graph, parse, verify
 from mxc.passes.canonicalize import canonicalize
 from mxc.runtime import ReferenceExecutor
 from golden_files import check_golden, golden_before
+from graph_helpers import input_shapes
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "canonicalize"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
@@ -43,13 +43,7 @@ def with_random_weights(graph: Graph) -> Graph:
 
 
 def random_inputs(graph: Graph, sizes: dict[str, int]) -> list[torch.Tensor]:
-    subs = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sizes.items()}
-    out = []
-    for node in graph.inputs:
-        t = node.types[0]
-        shape = [d if isinstance(d, int) else int(d.xreplace(subs)) for d in t.shape]
-        out.append(random_tensor(shape, t.dtype))
-    return out
+    return [random_tensor(shape, t.dtype) for t, shape in input_shapes(graph, sizes)]
 
 
 def assert_same_function(before: Graph, after: Graph, sizes_list) -> None:

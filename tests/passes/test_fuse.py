@@ -18,7 +18,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import sympy
 import torch
 
 import mxc
@@ -28,7 +27,7 @@ from mxc.passes.fuse import KINDS, fuse
 from mxc.runtime import ReferenceExecutor
 from mxc.runtime.reference import ExecutionError
 from golden_files import check_golden, golden_before
-from graph_helpers import with_random_weights
+from graph_helpers import input_shapes, with_random_weights
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "fuse"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
@@ -37,8 +36,7 @@ SIZES = [{"b": 1, "s": 1}, {"b": 3, "s": 7}, {"b": 2, "s": 13}]
 
 def random_inputs(graph: Graph, sizes: dict[str, int], seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    subs = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sizes.items()}
-    shapes = [[d if isinstance(d, int) else int(d.xreplace(subs)) for d in n.types[0].shape] for n in graph.inputs]
+    shapes = [shape for _, shape in input_shapes(graph, sizes)]
     return [torch.randn(shape, generator=gen) for shape in shapes]
 
 

@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 
 import pytest
-import sympy
 import torch
 
 from mxc.compiled import CompiledModel
@@ -31,6 +30,7 @@ from mxc.passes.quantize import storage
 from mxc.plan import Plan, Rule
 from mxc.runtime import ExecutionError, ReferenceExecutor
 from golden_files import check_golden, golden_before
+from graph_helpers import input_shapes
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "layout"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
@@ -71,13 +71,7 @@ def quantized_weights(graph: Graph) -> Graph:
 
 
 def random_inputs(graph: Graph, sizes: dict[str, int]) -> list[torch.Tensor]:
-    subs = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sizes.items()}
-    out = []
-    for node in graph.inputs:
-        t = node.types[0]
-        shape = [d if isinstance(d, int) else int(d.xreplace(subs)) for d in t.shape]
-        out.append(torch.randint(0, 50, shape) if t.dtype.kind == "int" else torch.randn(shape))
-    return out
+    return [torch.randint(0, 50, shape) if t.dtype.kind == "int" else torch.randn(shape) for t, shape in input_shapes(graph, sizes)]
 
 
 def assert_same_function(before: Graph, after: Graph) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import types
 import warnings
-import zlib
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ from mxc.passes.quantize import format_bytes, layer_path, quantize
 from mxc.passes.reorder import outlier_count, reorder
 from mxc.runtime import ReferenceExecutor
 from golden_files import check_golden, golden_before
-from graph_helpers import fresh, golden_inputs, input_amax, linears, outlier_norm_llama
+from graph_helpers import fresh, golden_inputs, input_amax, linears, outlier_norm_llama, seeded
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "reorder"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
@@ -69,10 +68,6 @@ def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5, 
 
 
 # --------------------------------------------------------------------------- goldens
-
-
-def seeded(case: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(case.encode()))
 
 
 def golden_graph(case: str) -> tuple[Graph, dict[str, torch.Tensor]]:

@@ -16,7 +16,6 @@ test needs the measurement repeated on the smoothed graph.
 
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ from mxc.passes.quantize import layer_path
 from mxc.passes.smooth import smooth
 from mxc.runtime import ReferenceExecutor
 from golden_files import check_golden, golden_before
-from graph_helpers import fresh, golden_inputs, input_amax, linears, outlier_norm_llama
+from graph_helpers import fresh, golden_inputs, input_amax, linears, outlier_norm_llama, seeded
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "smooth"
 CASES = sorted(p.name.removesuffix(".before.mxir") for p in GOLDEN.glob("*.before.mxir"))
@@ -85,10 +84,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- goldens
-
-
-def seeded(case: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(case.encode()))
 
 
 def golden_graph(case: str) -> tuple[Graph, dict[str, torch.Tensor]]:
