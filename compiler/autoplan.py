@@ -76,19 +76,27 @@ def measured_kinds(candidates: Any) -> tuple[str, ...]:
 
 
 def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any = None, objective: str = "kl",
-              *, progress: bool = True, example_inputs: Any = None):
-    """The plan of least predicted error under `budget` (see the module docstring)."""
+              *, progress: bool = True, example_inputs: Any = None, measured: Any = None):
+    """The plan of least predicted error under `budget` (see the module docstring).
+    `measured`: a `mxc.sensitivity.Sensitivity` measured before (e.g. once for several
+    budgets); then nothing is measured and `candidates`, `calibration`, `objective` are unused."""
     from . import sensitivity
     from .passes.allocate import BudgetError, average_bits, solve, total_bytes, total_error
     from .plan import Plan, Rule
 
     kind, value = parse_budget(budget)
-    if calibration is None:
+    if measured is not None:
+        if candidates is not None or calibration is not None:
+            raise ValueError("auto_plan: pass either a measured sensitivity or candidates and calibration to measure, "
+                             "not both")
+        objective = getattr(measured, "objective", objective)
+    elif calibration is None:
         raise ValueError(f"an automatic plan (budget {budget!r}) is allocated from sensitivity measured on calibration "
                          "text: pass calibration=tokenizer (real text) or a list of token-id tensors")
-    candidates = DEFAULT_CANDIDATES if candidates is None else candidates
-    measured = sensitivity.measure(model, candidates, calibration, objective=objective,
-                                   tensors=measured_kinds(candidates), progress=progress, example_inputs=example_inputs)
+    else:
+        candidates = DEFAULT_CANDIDATES if candidates is None else candidates
+        measured = sensitivity.measure(model, candidates, calibration, objective=objective, progress=progress,
+                                       tensors=measured_kinds(candidates), example_inputs=example_inputs)
     if not measured:
         raise ValueError(f"no tensor of the model matches the candidates {candidates!r}")
     fixed = _unallocated_bytes(model, measured)

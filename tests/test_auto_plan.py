@@ -188,3 +188,21 @@ def test_end_to_end_real_sensitivity(tiny_llama_factory):
         warnings.simplefilter("ignore")
         compiled = mxc.compile(model, plan, calibration=cal)
     assert compiled.report().avg_bits <= 4.0
+
+
+def test_a_saved_measurement_allocates_other_budgets_without_measuring(tiny_llama, fake_measure):
+    """`Sensitivity.to_dict` → JSON → `from_dict` keeps every choice; `Plan.auto(measured=...)`
+    measures nothing and gives the plan a fresh measurement would."""
+    import json
+
+    cal = batches()
+    measured = sensitivity.measure(tiny_llama, {"weight": CANDIDATES}, cal)
+    again = sensitivity.Sensitivity.from_dict(json.loads(json.dumps(measured.to_dict())))
+    assert again == measured and (again.objective, again.tokens, again.seconds) == ("kl", 48, 0.5)
+    calls = len(fake_measure)
+    for budget in (3.0, "4bits"):
+        plan = mxc.Plan.auto(tiny_llama, budget, measured=again)
+        assert plan == mxc.Plan.auto(tiny_llama, budget, calibration=cal)
+    assert len(fake_measure) == calls + 2  # only the two comparison plans measured
+    with pytest.raises(ValueError, match="either a measured sensitivity or candidates"):
+        mxc.Plan.auto(tiny_llama, 3.0, calibration=cal, measured=again)
