@@ -76,10 +76,12 @@ def measured_kinds(candidates: Any) -> tuple[str, ...]:
 
 
 def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any = None, objective: str = "kl",
-              *, progress: bool = True, example_inputs: Any = None, measured: Any = None):
+              *, progress: bool = True, example_inputs: Any = None, measured: Any = None, quantizer: str = "rtn"):
     """The plan of least predicted error under `budget` (see the module docstring).
     `measured`: a `mxc.sensitivity.Sensitivity` measured before (e.g. once for several
-    budgets); then nothing is measured and `candidates`, `calibration`, `objective` are unused."""
+    budgets); then nothing is measured and `candidates`, `calibration`, `objective` are unused.
+    `quantizer`: how candidate weights are quantized while measuring ("rtn" or "gptq", see
+    `mxc.sensitivity`)."""
     from . import sensitivity
     from .passes.allocate import BudgetError, average_bits, solve, total_bytes, total_error
     from .plan import Plan, Rule
@@ -96,7 +98,8 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
     else:
         candidates = DEFAULT_CANDIDATES if candidates is None else candidates
         measured = sensitivity.measure(model, candidates, calibration, objective=objective, progress=progress,
-                                       tensors=measured_kinds(candidates), example_inputs=example_inputs)
+                                       tensors=measured_kinds(candidates), example_inputs=example_inputs,
+                                       quantizer=quantizer)
     if not measured:
         raise ValueError(f"no tensor of the model matches the candidates {candidates!r}")
     fixed = _unallocated_bytes(model, measured)
@@ -121,6 +124,7 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
         "budget": {"bits": value} if kind == "bits" else {"bytes": int(value)},
         "float_bytes": fixed,  # the model's tensors left out of the allocation, at their size
         "objective": objective,
+        "quantizer": getattr(measured, "quantizer", quantizer),
         "predicted_error": total_error(solution),
         "average_bits": average_bits(solution),
         "bytes": total_bytes(solution) + fixed,  # the model's weight bytes

@@ -257,7 +257,8 @@ class Plan:
 
     @staticmethod
     def auto(model: Any, budget: Any, candidates: Any = None, calibration: Any = None, objective: str = "kl",
-             *, progress: bool = True, example_inputs: Any = None, measured: Any = None) -> "Plan":
+             *, progress: bool = True, example_inputs: Any = None, measured: Any = None,
+             quantizer: str = "rtn") -> "Plan":
         """The plan of least predicted error under `budget`: average bits per weight (3.5,
         "3.5bits") or model bytes ("90MB"). Measures each candidate format's effect on the
         model alone (`mxc.sensitivity.measure`, objective "kl", "ce" or "proxy", on
@@ -266,7 +267,8 @@ class Plan:
         weight, or a dict by tensor kind or tensor-name glob (default
         `mxc.autoplan.DEFAULT_CANDIDATES`: int2 to int8 weights, lm_head float). `measured`:
         a `mxc.sensitivity.Sensitivity` from before (`Sensitivity.from_dict` reads a saved
-        one): the allocation reuses it and measures nothing.
+        one): the allocation reuses it and measures nothing. `quantizer`: candidate weights
+        measured rounded to nearest ("rtn") or as compiled with calibration ("gptq").
 
             plan = Plan.auto(model, 3.5, calibration=tokenizer)
             print(plan.explain())   # the rule per layer, and each candidate's error
@@ -274,7 +276,7 @@ class Plan:
         from .autoplan import auto_plan
 
         return auto_plan(model, budget, candidates, calibration, objective, progress=progress,
-                         example_inputs=example_inputs, measured=measured)
+                         example_inputs=example_inputs, measured=measured, quantizer=quantizer)
 
     @staticmethod
     def coerce(plan: "Plan | str | dict | os.PathLike") -> "Plan":

@@ -18,9 +18,15 @@ quantized, on real calibration text:
   only approximately: the KL is measured exactly on `check` evenly spaced tensors and the
   Spearman rank correlation of the two is kept as `result.correlation`.
 
-Weights are rounded to nearest (`fmt.fake(W)`): GPTQ per candidate would cost a GPTQ run per
-(layer, format); activations and KV take the format's dynamic (per token) scales, as the
-quantize pass emits them. A float candidate (None or "float") costs nothing: error 0.
+Weights take each candidate as `quantizer` says: "rtn" rounds to nearest (`fmt.fake(W)`);
+"gptq" quantizes them as the quantize pass does with calibration data (clipping search, then
+GPTQ: `mxc.passes.quantize.quantize_weight`), on each layer's Hessian from float activations
+of `hessian_calibration` (default: the calibration batches) — the errors of the plan that
+`mxc.compile(..., calibration=...)` will build, at the price of a GPTQ run per (layer,
+format). (The compile pass is sequential: its later layers see the earlier layers quantized;
+here every layer sees float inputs.) Activations and KV take the format's dynamic (per
+token) scales, as the quantize pass emits them. A float candidate (None or "float") costs
+nothing: error 0.
 
 Cost: the model is captured once; its float graph runs once over the calibration batches
 for the reference log-probabilities, then once more, node by node, and at each quantizable
@@ -45,11 +51,12 @@ from .calibrate import Calibration
 from .ir import Graph, Node, NumberFormat
 from .passes.allocate import Choice
 from .passes.clip import output_error
-from .passes.quantize import format_bytes, layer_path
+from .passes.quantize import format_bytes, layer_path, quantize_weight
 from .plan import _fmt
 from .runtime import ReferenceExecutor
 
 OBJECTIVES = ("kl", "ce", "proxy")
+QUANTIZERS = ("rtn", "gptq")
 KINDS = ("weight", "act", "kv")
 #: Calibration sequences of one shape are stacked into batches of at most this many tokens
 #: (larger GEMMs run faster; the logits of a batch take tokens · vocab · 4 bytes, twice).
@@ -84,15 +91,15 @@ class Sensitivity(dict):
     `correlation` (Spearman, proxy against measured KL over `checked` tensors)."""
 
     def __init__(self, choices: dict[str, list[Choice]], *, objective: str, tokens: int, seconds: float,
-                 correlation: float | None = None, checked: tuple[str, ...] = ()):
+                 correlation: float | None = None, checked: tuple[str, ...] = (), quantizer: str = "rtn"):
         super().__init__(choices)
         self.objective, self.tokens, self.seconds = objective, tokens, seconds
-        self.correlation, self.checked = correlation, checked
+        self.correlation, self.checked, self.quantizer = correlation, checked, quantizer
 
     def to_dict(self) -> dict:
         """JSON-ready: what was measured and every choice (formats as text, float as null)."""
         return {
-            "objective": self.objective, "tokens": self.tokens, "seconds": self.seconds,
+            "objective": self.objective, "quantizer": self.quantizer, "tokens": self.tokens, "seconds": self.seconds,
             "correlation": self.correlation, "checked": list(self.checked),
             "tensors": {t: [{"format": None if c.fmt is None else str(c.fmt), "bytes": c.bytes, "bits": c.bits,
                              "numel": c.numel, "error": c.error} for c in row] for t, row in self.items()},
@@ -105,11 +112,13 @@ class Sensitivity(dict):
                               int(c["numel"]), float(c["error"])) for c in row]
                    for t, row in data["tensors"].items()}
         return cls(choices, objective=data["objective"], tokens=int(data["tokens"]), seconds=float(data["seconds"]),
-                   correlation=data.get("correlation"), checked=tuple(data.get("checked", ())))
+                   correlation=data.get("correlation"), checked=tuple(data.get("checked", ())),
+                   quantizer=data.get("quantizer", "rtn"))
 
     def describe(self) -> str:
         """One line: what was measured, on how much text, in how long."""
-        text = f"sensitivity ({self.objective}) of {len(self)} tensors on {self.tokens} tokens in {self.seconds:.1f} s"
+        text = (f"sensitivity ({self.objective}, weights by {self.quantizer}) of {len(self)} tensors on "
+                f"{self.tokens} tokens in {self.seconds:.1f} s")
         if self.correlation is not None:
             text += f"; Spearman correlation with the measured KL on {len(self.checked)} tensors: {self.correlation:.3f}"
         return text
@@ -125,6 +134,8 @@ def measure(
     progress: bool = True,
     check: int = PROXY_CHECK,
     example_inputs: Any = None,
+    quantizer: str = "rtn",
+    hessian_calibration: Any = None,
 ) -> Sensitivity:
     """Each tensor's `Choice`s: one per candidate format, with its measured `error` (see the
     module docstring). `model`: a torch module, captured here as `mxc.compile` does.
@@ -134,37 +145,59 @@ def measure(
     names ("*.mlp.down_proj:weight"); the first matching key wins, and a tensor no key
     matches is not measured. `calibration`: a tokenizer (windows of real text, as
     `mxc.compile` cuts them) or a list of token-id tensors. `tensors`: the kinds measured.
-    `check`: for objective "proxy", how many tensors also get the measured KL."""
+    `check`: for objective "proxy", how many tensors also get the measured KL. `quantizer`:
+    "rtn" or "gptq" (weights; see the module docstring), with Hessians from
+    `hessian_calibration` (same kinds as `calibration`; default: `calibration`)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown sensitivity objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
+    if quantizer not in QUANTIZERS:
+        raise ValueError(f"unknown weight quantizer {quantizer!r}; expected one of {', '.join(QUANTIZERS)}")
+    if hessian_calibration is not None and quantizer != "gptq":
+        raise ValueError("hessian_calibration is for quantizer='gptq' (round to nearest needs no Hessians)")
     bad = [k for k in tensors if k not in KINDS]
     if bad:
         raise ValueError(f"unknown tensor kind(s) {bad}; expected some of {', '.join(KINDS)}")
     if objective == "proxy" and set(tensors) != {"weight"}:
         raise ValueError("the proxy objective (Hessian-weighted output error) covers weights only: tensors=('weight',)")
     start = time.perf_counter()
-    graph, batches, ids = prepare(model, calibration, example_inputs)
+    graph, batches, ids, more = _prepare(model, calibration, example_inputs, hessian_calibration)
     plan = {t: formats_for(candidates, t) for t in targets(graph, tensors)}
     plan = {t: fmts for t, fmts in plan.items() if fmts}
     tokens = sum(int(x.numel()) for x in ids)
-    if objective == "proxy":
-        errors = proxy_errors(graph, batches, plan, progress=progress)
-        picked = _evenly(list(plan), check)
-        measured = Suffixes(graph, batches, ids, "kl").errors({t: plan[t] for t in picked}, progress=progress)
-        pairs = [(errors[t][i], measured[t][i]) for t in picked for i, f in enumerate(plan[t]) if f is not None]
-        corr = spearman([p for p, _ in pairs], [m for _, m in pairs]) if len(pairs) > 1 else float("nan")
-        return Sensitivity(_choices(graph, plan, errors), objective=objective, tokens=tokens,
-                           seconds=time.perf_counter() - start, correlation=corr,
-                           checked=tuple(t.tensor for t in picked))
-    errors = Suffixes(graph, batches, ids, objective).errors(plan, progress=progress)
+    weights = Gptq(graph, more if more is not None else batches) if quantizer == "gptq" else None
+    try:
+        if objective == "proxy":
+            errors = proxy_errors(graph, batches, plan, progress=progress, weights=weights)
+            picked = _evenly(list(plan), check)
+            if weights is not None:  # the checks run the layers again from the first
+                weights.close()
+                weights = Gptq(graph, more if more is not None else batches)
+            measured = Suffixes(graph, batches, ids, "kl", weights).errors({t: plan[t] for t in picked},
+                                                                           progress=progress)
+            pairs = [(errors[t][i], measured[t][i]) for t in picked for i, f in enumerate(plan[t]) if f is not None]
+            corr = spearman([p for p, _ in pairs], [m for _, m in pairs]) if len(pairs) > 1 else float("nan")
+            return Sensitivity(_choices(graph, plan, errors), objective=objective, tokens=tokens,
+                               seconds=time.perf_counter() - start, correlation=corr,
+                               checked=tuple(t.tensor for t in picked), quantizer=quantizer)
+        errors = Suffixes(graph, batches, ids, objective, weights).errors(plan, progress=progress)
+    finally:
+        if weights is not None:
+            weights.close()
     return Sensitivity(_choices(graph, plan, errors), objective=objective, tokens=tokens,
-                       seconds=time.perf_counter() - start)
+                       seconds=time.perf_counter() - start, quantizer=quantizer)
 
 
 def prepare(model: Any, calibration: Any, example_inputs: Any = None) -> tuple[Graph, list[list[torch.Tensor]], list[torch.Tensor]]:
     """The canonical float graph of `model` (captured as `mxc.compile` does), the calibration
     batches as graph inputs (sequences of one shape stacked up to `BATCH_TOKENS`), and each
     batch's token ids."""
+    graph, batches, ids, _ = _prepare(model, calibration, example_inputs)
+    return graph, batches, ids
+
+
+def _prepare(model: Any, calibration: Any, example_inputs: Any = None, more: Any = None):
+    """`prepare`'s graph, batches and ids, and the graph inputs of `more` calibration data
+    (stacked like the batches; None when `more` is None)."""
     from .driver import calibration_inputs
     from .frontends.torch_export import capture
     from .passes import run_pipeline
@@ -178,7 +211,8 @@ def prepare(model: Any, calibration: Any, example_inputs: Any = None) -> tuple[G
     inputs = calibration_inputs(calibration, captured.call_spec)
     where = captured.call_spec.inputs.index("input_ids") if "input_ids" in captured.call_spec.inputs else 0
     batches = _stack(inputs, where)
-    return graph, batches, [b[where] for b in batches]
+    extra = None if more is None else _stack(calibration_inputs(more, captured.call_spec), where)
+    return graph, batches, [b[where] for b in batches], extra
 
 
 def _stack(inputs: list[list[torch.Tensor]], ids_at: int) -> list[list[torch.Tensor]]:
@@ -257,10 +291,13 @@ class Suffixes:
     log-probabilities; `errors(plan)` walks the runs once and, at each target, recomputes
     only the rest of the graph per candidate format (module docstring)."""
 
-    def __init__(self, graph: Graph, batches: list[list[torch.Tensor]], ids: list[torch.Tensor], objective: str):
+    def __init__(self, graph: Graph, batches: list[list[torch.Tensor]], ids: list[torch.Tensor], objective: str,
+                 weights: "Gptq | None" = None):
         if objective not in ("kl", "ce"):
             raise ValueError(f"measured objectives are 'kl' and 'ce', got {objective!r}")
         self.graph, self.batches, self.ids, self.objective = graph, batches, ids, objective
+        #: how a weight takes a format: GPTQ (`Gptq`), else rounded to nearest
+        self.quantized = weights if weights is not None else _rounded
         self.executor = ReferenceExecutor(graph, check_shapes=False)
         self.weights = self.executor.weights
         self.reference = [self._logits(self.executor(b)) for b in batches]
@@ -327,7 +364,7 @@ class Suffixes:
         node = self.graph.nodes[target.index]
         if target.kind == "weight":
             w = self.weights[node.inputs[1].node.get("name")]
-            return Replace(node, {1: fmt.fake(w.float()).to(w.dtype)}, None)
+            return Replace(node, {1: self.quantized(target, fmt, w).to(w.dtype)}, None)
         return Replace(node, {}, (fmt, target.operands))
 
     def errors(self, plan: dict[Target, list[NumberFormat | None]], *, progress: bool = True) -> dict[Target, list[float]]:
@@ -382,10 +419,38 @@ class Replace:
         return out
 
 
+def _rounded(target: Target, fmt: NumberFormat, w: torch.Tensor) -> torch.Tensor:
+    """`w` rounded to nearest in `fmt` (dequantized)."""
+    return fmt.fake(w.float())
+
+
+class Gptq:
+    """Weights quantized as the quantize pass does with calibration data: `quantize_weight`
+    (clipping search, then GPTQ) on each layer's Hessian from float activations of
+    `batches`, computed lazily; targets must be asked for in graph order (one Hessian held)."""
+
+    def __init__(self, graph: Graph, batches: list[list[torch.Tensor]]):
+        self.graph, self.calibration = graph, Calibration(graph, batches, percentiles=())
+        self.path: str | None = None
+        self.hessian: torch.Tensor | None = None
+
+    def __call__(self, target: Target, fmt: NumberFormat, w: torch.Tensor) -> torch.Tensor:
+        node = self.graph.nodes[target.index]
+        path = layer_path(node, node.inputs[1].node)
+        if path != self.path:
+            self.path, self.hessian = path, self.calibration.stats(path)["hessian"]
+        return quantize_weight(w.float(), fmt, method="gptq", clip_search=True, hessian=self.hessian)[1]
+
+    def close(self) -> None:
+        self.calibration.close()
+
+
 def proxy_errors(graph: Graph, batches: list[list[torch.Tensor]], plan: dict[Target, list[NumberFormat | None]],
-                 *, progress: bool = True) -> dict[Target, list[float]]:
-    """`{target: [output_error(W, fake(W), H)² per format]}` for weight targets, H from one
-    calibration pass over `batches` (layer by layer: one Hessian held at a time)."""
+                 *, progress: bool = True, weights: Gptq | None = None) -> dict[Target, list[float]]:
+    """`{target: [output_error(W, Q(W), H)² per format]}` for weight targets, H from one
+    calibration pass over `batches` (layer by layer: one Hessian held at a time); Q rounds
+    to nearest, or is `weights` (GPTQ)."""
+    quantized = weights if weights is not None else _rounded
     cal = Calibration(graph, batches, percentiles=())
     weights = graph.used_weights()
     out = {}
@@ -395,7 +460,7 @@ def proxy_errors(graph: Graph, batches: list[list[torch.Tensor]], plan: dict[Tar
             node = graph.nodes[t.index]
             h = cal.stats(layer_path(node, node.inputs[1].node))["hessian"]
             w = weights[node.inputs[1].node.get("name")].float()
-            out[t] = [0.0 if f is None else output_error(w, f.fake(w), h) ** 2 for f in plan[t]]
+            out[t] = [0.0 if f is None else output_error(w, quantized(t, f, w), h) ** 2 for f in plan[t]]
     finally:
         cal.close()
     return out

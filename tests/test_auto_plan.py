@@ -26,7 +26,7 @@ def fake_measure(monkeypatch):
     seed = int(torch.randint(0, 2**31 - 1, ()))
 
     def measure(model, candidates, calibration, *, objective="kl", tensors=("weight",), progress=True,
-                example_inputs=None):
+                example_inputs=None, quantizer="rtn"):
         calls.append({"candidates": candidates, "calibration": calibration, "objective": objective, "tensors": tensors})
         gen = torch.Generator().manual_seed(seed)
         out = {}

@@ -158,3 +158,31 @@ def test_errors_name_what_is_wrong(tiny_llama):
         sensitivity.measure(tiny_llama, ["int4<sym,token>"], ids, progress=False)
     with pytest.raises(ValueError, match="weights only"):
         sensitivity.measure(tiny_llama, ["int4<sym,token>"], ids, objective="proxy", tensors=("act",))
+
+
+def test_gptq_quantizer_equals_brute_force_compilation(setup):
+    """quantizer="gptq": each error is the KL of compiling the model with only that weight
+    quantized by the quantize pass with calibration (clipping search + GPTQ on the float
+    Hessian: with one layer quantized, its inputs are float, as measured)."""
+    model, batches, rtn = setup
+    path = "model.layers.1.mlp.down_proj"
+    fmts = ["int2<asym,g32>", "int3<asym,g32>"]
+    got = sensitivity.measure(model, {f"{path}:weight": fmts}, batches, quantizer="gptq", progress=False)
+    assert got.quantizer == "gptq" and "weights by gptq" in got.describe()
+    ids = torch.stack(batches)
+    ref = F.log_softmax(_logits(model, None, ids), -1)
+    for c, fmt in zip(got[f"{path}:weight"], fmts):
+        plan = mxc.Plan(rules=(mxc.Rule(path, weight=fmt),), default=mxc.Rule(), method="gptq", clip_search=True)
+        q = F.log_softmax(mxc.compile(model, plan, calibration=batches)(ids).logits.double(), -1)
+        kl = float(F.kl_div(q, ref, reduction="sum", log_target=True)) / ids.numel()
+        assert c.error == pytest.approx(kl, rel=1e-4, abs=1e-8), fmt
+    rtn_row = {str(c.fmt): c.error for c in rtn[f"{path}:weight"]}
+    assert got[f"{path}:weight"][0].error < rtn_row["int2<asym,g32>"]  # GPTQ + clipping beats rounding at 2 bits
+
+
+def test_unknown_quantizer_and_misplaced_hessian_data_are_refused(setup):
+    model, batches, _ = setup
+    with pytest.raises(ValueError, match="unknown weight quantizer 'awq'; expected one of rtn, gptq"):
+        sensitivity.measure(model, ["int4<asym,g32>"], batches, quantizer="awq", progress=False)
+    with pytest.raises(ValueError, match="hessian_calibration is for quantizer='gptq'"):
+        sensitivity.measure(model, ["int4<asym,g32>"], batches, hessian_calibration=batches, progress=False)
