@@ -1,0 +1,266 @@
+"""The frontier of automatic bit allocation on SmolLM2-135M (issue 6): perplexity against
+model size, automatic plans against uniform plans, and how far the solver's additive error
+model can be trusted.
+
+    python benchmarks/frontier.py [--budgets 2.5 3 3.25 w4a16-g128 ...] [--windows 8] [--quantizer gptq]
+
+1. Sensitivity: every linear weight but lm_head (which stays float, as in the presets), each
+   of `CANDIDATES`, the increase of KL(float ‖ quantized) of the logits with only that weight
+   quantized, on `--sens-windows` × `--sens-len` tokens of calibration text
+   (`mxc.sensitivity.measure`; `--quantizer gptq` measures each candidate as the compile
+   builds it: clipping search + GPTQ on Hessians from the compile's calibration text).
+   Saved as JSON in `--cache` and reused by later runs.
+2. Uniform plans (`UNIFORM`: one weight format for every linear but lm_head) and automatic
+   plans (`Plan.auto(model, budget, measured=...)` per budget; a budget named after a uniform
+   plan is that plan's average bits) are compiled alike: GPTQ + clipping search on 8×512
+   calibration tokens from the end of the text, reference backend. Each gets its size, its
+   perplexity over `--windows`×512 tokens from the start of the text, and its measured KL
+   against float on the sensitivity windows. Rows are cached in `--cache` too: a rerun
+   continues where the last one stopped (`--fresh` starts over).
+3. Additivity: for every automatic plan, the predicted KL (the sum of its tensors' measured
+   errors: what the solver minimises) against the KL the compiled plan measures on the same
+   windows, and its perplexity increase.
+4. Writes `benchmarks/frontier.png` and appends the tables, the goals (met or not), the
+   machine and the date to benchmarks/RESULTS.md.
+
+Goals (issue 6): at every budget the automatic plan has lower perplexity than every uniform
+plan of the same or larger size; at the size of uniform W4A16 g128 it has at most half that
+plan's perplexity increase over float; at 3.25 average bits it is at least as good as
+uniform W4A16 g128.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+CANDIDATES = ["int2<asym,g64>", "int3<asym,g128>", "int3<asym,g32>", "int4<asym,g128>", "int4<asym,g32>",
+              "int5<asym,g128>", "int6<asym,g128>", "int8<sym,channel>"]
+#: Uniform plans: name -> weight format of every linear but lm_head.
+UNIFORM = {
+    "w2a16-g64": "int2<asym,g64>", "w3a16-g128": "int3<asym,g128>", "w3a16-g32": "int3<asym,g32>",
+    "w4a16-g128": "int4<asym,g128>", "w4a16-g64": "int4<asym,g64>", "w4a16-g32": "int4<asym,g32>",
+    "w5a16-g128": "int5<asym,g128>", "w6a16-g128": "int6<asym,g128>", "w8a16": "int8<sym,channel>",
+}
+BUDGETS = ["2.5", "2.75", "3", "3.25", "3.5", "3.75", "4", "w4a16-g128", "4.5", "5", "6", "8"]
+
+
+def uniform_plan(name: str):
+    import mxc
+
+    return mxc.Plan(rules=(mxc.Rule("lm_head"),), default=mxc.Rule(weight=UNIFORM[name]), name=name)
+
+
+class Bench:
+    """The model, its tokenizer, the text windows, and the float reference; `row(plan)`
+    compiles and measures one plan."""
+
+    def __init__(self, args):
+        import torch
+
+        import mxc
+        from mxc.calibrate import text_batches
+
+        torch.set_num_threads(args.threads)
+        self.args = args
+        self.model, self.tok = mxc.models.load_smollm2()
+        self.calibration = text_batches(self.tok, n=8, seq_len=512)  # what the compile calibrates on
+        self.sens_windows = text_batches(self.tok, n=args.sens_windows, seq_len=args.sens_len)
+        with torch.no_grad():
+            self.float_logp = self.model(input_ids=torch.stack(self.sens_windows)).logits.double().log_softmax(-1)
+        self.float_ppl = mxc.eval.perplexity(self.model, self.tok, windows=args.windows)
+
+    def sensitivity(self, path: Path):
+        from mxc import sensitivity
+
+        if path.exists() and not self.args.fresh:
+            return sensitivity.Sensitivity.from_dict(json.loads(path.read_text()))
+        more = self.calibration if self.args.quantizer == "gptq" else None
+        got = sensitivity.measure(self.model, {"lm_head:weight": [], "weight": self.args.candidates}, self.sens_windows,
+                                  quantizer=self.args.quantizer, hessian_calibration=more)
+        path.write_text(json.dumps(got.to_dict(), indent=1))
+        return got
+
+    def row(self, plan, kind: str, label: str) -> dict:
+        import torch
+
+        import mxc
+
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = mxc.compile(self.model, plan, calibration=self.calibration)
+        seconds = time.perf_counter() - start
+        report = compiled.report()
+        ppl = mxc.eval.perplexity(compiled, self.tok, windows=self.args.windows)
+        logp = compiled(torch.stack(self.sens_windows)).logits.double().log_softmax(-1)
+        kl = float(torch.nn.functional.kl_div(logp, self.float_logp, reduction="sum", log_target=True))
+        kl /= self.float_logp.shape[0] * self.float_logp.shape[1]
+        row = {"kind": kind, "label": label, "bits": report.avg_bits, "mb": report.weight_bytes / 1e6, "ppl": ppl,
+               "kl": kl, "seconds": round(seconds, 1)}
+        allocation = plan.notes.get("allocation")
+        if allocation:
+            row["predicted"] = allocation["predicted_error"]
+            chosen = [t["chosen"] for t in allocation["tensors"].values()]
+            row["mix"] = {f: chosen.count(f) for f in sorted(set(chosen), key=chosen.index)}
+        del compiled
+        gc.collect()
+        return row
+
+
+def goals(rows: list[dict], float_ppl: float) -> list[str]:
+    uniform = [r for r in rows if r["kind"] == "uniform"]
+    auto = [r for r in rows if r["kind"] == "auto"]
+    out = []
+    beaten = []
+    for a in auto:
+        larger = [u for u in uniform if u["mb"] >= a["mb"] - 1e-9]
+        worse = [u["label"] for u in larger if u["ppl"] <= a["ppl"]]
+        beaten.append(not worse)
+        if worse:
+            out.append(f"- auto {a['label']} ({a['mb']:.1f} MB, ppl {a['ppl']:.3f}) is NOT better than uniform "
+                       f"{', '.join(worse)} of the same or larger size")
+    out.insert(0, f"- auto better than every uniform plan of the same or larger size at every budget: "
+                  f"{sum(beaten)}/{len(beaten)} budgets — {'met' if all(beaten) and beaten else 'NOT met'}")
+    w4 = next((u for u in uniform if u["label"] == "w4a16-g128"), None)
+    at_w4 = next((a for a in auto if a["label"] == "w4a16-g128"), None)
+    if w4 and at_w4:
+        ratio = (at_w4["ppl"] - float_ppl) / (w4["ppl"] - float_ppl)
+        out.append(f"- at the size of uniform W4A16 g128 ({w4['mb']:.1f} MB): auto +{100 * (at_w4['ppl'] / float_ppl - 1):.1f}% "
+                   f"vs uniform +{100 * (w4['ppl'] / float_ppl - 1):.1f}%, {ratio:.2f} of its increase (goal ≤ 0.5) — "
+                   f"{'met' if ratio <= 0.5 else 'NOT met'}")
+    at_325 = next((a for a in auto if a["label"] == "3.25"), None)
+    if w4 and at_325:
+        ok = at_325["ppl"] <= w4["ppl"]
+        out.append(f"- auto at 3.25 bits ({at_325['ppl']:.3f}) at least as good as uniform W4A16 g128 "
+                   f"({w4['ppl']:.3f}) — {'met' if ok else 'NOT met'}")
+    return out
+
+
+def plot(rows: list[dict], float_ppl: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    auto = sorted((r for r in rows if r["kind"] == "auto"), key=lambda r: r["mb"])
+    uniform = sorted((r for r in rows if r["kind"] == "uniform"), key=lambda r: r["mb"])
+    ax.plot([r["mb"] for r in auto], [r["ppl"] for r in auto], "o-", color="tab:blue", label="auto (mxc.Plan.auto)")
+    ax.plot([r["mb"] for r in uniform], [r["ppl"] for r in uniform], "s--", color="tab:orange", label="uniform")
+    for r in uniform:
+        ax.annotate(r["label"], (r["mb"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for r in auto:
+        ax.annotate(f"{r['bits']:.2f}b", (r["mb"], r["ppl"]), textcoords="offset points", xytext=(4, -10),
+                    fontsize=7, color="tab:blue")
+    ax.axhline(float_ppl, color="gray", linestyle=":", label=f"float ({float_ppl:.2f})")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.0f"))
+    ax.set_xlabel("model weights (MB; embeddings and lm_head float)")
+    ax.set_ylabel("perplexity (pydoc_data.topics)")
+    ax.set_title("SmolLM2-135M: automatic bit allocation against uniform plans")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budgets", nargs="+", default=BUDGETS)
+    ap.add_argument("--candidates", nargs="+", default=CANDIDATES)
+    ap.add_argument("--uniform", nargs="*", default=list(UNIFORM))
+    ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 512 tokens")
+    ap.add_argument("--sens-windows", type=int, default=2, help="sensitivity windows")
+    ap.add_argument("--sens-len", type=int, default=128, help="tokens per sensitivity window")
+    ap.add_argument("--quantizer", default="gptq", choices=["rtn", "gptq"], help="how candidates are measured")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", type=Path, default=HERE / "out", help="sensitivity JSON and finished rows")
+    ap.add_argument("--fresh", action="store_true", help="measure everything again")
+    ap.add_argument("--plot", type=Path, default=HERE / "frontier.png")
+    ap.add_argument("--no-write", action="store_true", help="print the tables only")
+    args = ap.parse_args()
+
+    import torch
+
+    import mxc
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    tag = f"{args.quantizer}-{args.sens_windows}x{args.sens_len}-w{args.windows}"
+    rows_path = args.cache / f"frontier-rows-{tag}.json"
+    done: dict[str, dict] = {} if args.fresh or not rows_path.exists() else json.loads(rows_path.read_text())
+    bench = Bench(args)
+    measured = bench.sensitivity(args.cache / f"sensitivity-smollm2-{args.quantizer}-{args.sens_windows}x{args.sens_len}.json")
+    print(measured.describe(), flush=True)
+
+    def keep(key: str, row: dict) -> None:
+        done[key] = row
+        rows_path.write_text(json.dumps(done, indent=1))
+        print(json.dumps(row), flush=True)
+
+    for name in args.uniform:
+        if f"uniform {name}" not in done:
+            keep(f"uniform {name}", bench.row(uniform_plan(name), "uniform", name))
+    for budget in args.budgets:
+        key = f"auto {budget}"
+        if key in done:
+            continue
+        # a uniform plan's average bits, rounded up in the 6th decimal (the report sums in floats)
+        bits = math.ceil(done[f"uniform {budget}"]["bits"] * 1e6) / 1e6 if budget in UNIFORM else float(budget)
+        plan = mxc.Plan.auto(bench.model, bits, measured=measured)
+        keep(key, bench.row(plan, "auto", budget))
+
+    rows = [done[f"uniform {n}"] for n in args.uniform] + [done[f"auto {b}"] for b in args.budgets]
+    fp = bench.float_ppl
+    plot(rows, fp, args.plot)
+    when = datetime.date.today().isoformat()
+    machine = f"{platform.machine()} CPU ({os.cpu_count()} cores), {args.threads} threads, torch {torch.__version__}"
+    lines = [
+        f"## Frontier: automatic bit allocation on SmolLM2-135M ({when})",
+        "",
+        f"{machine}, reference backend. Command: `python benchmarks/frontier.py --quantizer {args.quantizer}`. "
+        f"{measured.describe()} (candidates: {', '.join(args.candidates)}; lm_head float). Every plan compiled with "
+        f"GPTQ + clipping search on 8×512 calibration tokens; perplexity over {args.windows}×512 tokens "
+        f"(float: {fp:.3f}); KL against float on the {args.sens_windows}×{args.sens_len} sensitivity tokens. "
+        f"Plot: `benchmarks/{args.plot.name}`.",
+        "",
+        "| plan | avg bits | size MB | perplexity | vs float | KL measured | KL predicted | formats chosen | compile s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["mb"], r["kind"])):
+        mix = ", ".join(f"{n}× {f}" for f, n in r.get("mix", {}).items())
+        pred = f"{r['predicted']:.4f}" if "predicted" in r else ""
+        lines.append(f"| {r['kind']} {r['label']} | {r['bits']:.3f} | {r['mb']:.1f} | {r['ppl']:.3f} | "
+                     f"{100 * (r['ppl'] / fp - 1):+.1f}% | {r['kl']:.4f} | {pred} | {mix} | {r['seconds']:.0f} |")
+    auto = [r for r in rows if r["kind"] == "auto"]
+    if len(auto) > 1:
+        ratios = [r["kl"] / r["predicted"] for r in auto if r["predicted"] > 0]
+        corr = mxc.sensitivity.spearman([r["predicted"] for r in auto], [r["kl"] for r in auto])
+        lines += ["", f"Additivity: measured KL / predicted KL over the automatic plans: "
+                      f"{min(ratios):.2f} to {max(ratios):.2f} (median {sorted(ratios)[len(ratios) // 2]:.2f}); "
+                      f"Spearman correlation of predicted KL with measured KL {corr:.3f}, with perplexity "
+                      f"{mxc.sensitivity.spearman([r['predicted'] for r in auto], [r['ppl'] for r in auto]):.3f}."]
+    lines += ["", "Goals (issue 6):", "", *goals(rows, fp)]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        with RESULTS.open("a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
