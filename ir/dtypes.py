@@ -68,10 +68,13 @@ I32 = DType("i32", 32, "int")
 I16 = DType("i16", 16, "int")
 I8 = DType("i8", 8, "int")
 U8 = DType("u8", 8, "uint")
+U16 = DType("u16", 16, "uint")  # u16/u32/u64: ONNX tensors; torch holds them but has few ops for them
+U32 = DType("u32", 32, "uint")
+U64 = DType("u64", 64, "uint")
 BOOL = DType("bool", 8, "bool")
 
 DTYPES: dict[str, DType] = {
-    t.name: t for t in (F64, F32, F16, BF16, F8E4M3, F8E5M2, I64, I32, I16, I8, U8, BOOL)
+    t.name: t for t in (F64, F32, F16, BF16, F8E4M3, F8E5M2, I64, I32, I16, I8, U8, U16, U32, U64, BOOL)
 }
 
 _TO_TORCH: dict[str, torch.dtype] = {
@@ -86,6 +89,9 @@ _TO_TORCH: dict[str, torch.dtype] = {
     "i16": torch.int16,
     "i8": torch.int8,
     "u8": torch.uint8,
+    "u16": torch.uint16,
+    "u32": torch.uint32,
+    "u64": torch.uint64,
     "bool": torch.bool,
 }
 _FROM_TORCH: dict[torch.dtype, DType] = {v: DTYPES[k] for k, v in _TO_TORCH.items()}

@@ -29,6 +29,10 @@ Ops, by inputs and attributes:
     dequantize(codes, scale[, zero][, global]) {format, dtype}  the format's reference numerics;
                                                codes may be packed (a layout along their last axis)
     torch(x...)                                {target, args, kwargs} a PyTorch op, run as is
+    onnx(x...)                                 {op_type, domain, opset, attributes, operands}
+                                               an ONNX op the ONNX frontend could not map, run as is
+                                               by `onnx.reference`; `operands[i]` is the operand that
+                                               fills the op's input slot i (none: an omitted input)
     fused(x...) {kind, body} -> (y...)         a kernel group (the fuse pass): `body` is a region,
                                                a `Graph` whose arguments take the operands and whose
                                                outputs are the results; it holds no `const`
@@ -376,6 +380,14 @@ OPS: dict[str, OpDef] = {
             0,
             None,
             {"target": ((str,), True), "args": ((tuple,), True), "kwargs": ((dict,), False)},
+            outputs=None,
+        ),
+        OpDef(
+            "onnx",
+            0,
+            None,
+            {"op_type": ((str,), True), "domain": ((str,), True), "opset": (_INT, True),
+             "attributes": ((dict,), True), "operands": ((tuple,), True)},
             outputs=None,
         ),
     ]

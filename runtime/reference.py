@@ -25,6 +25,7 @@ from ..ir.ops import quant_parts
 from ..ir.packing import from_codes, unpack
 from ..ir.printer import print_node, region_of, value_names
 from .inputs import bind_inputs
+from .onnx_node import run_onnx_node
 
 Impl = Callable[[list[torch.Tensor], dict[str, Any], "Frame"], Any]
 Observer = Callable[[Node, list[torch.Tensor]], "list[torch.Tensor] | None"]
@@ -222,6 +223,7 @@ IMPLS: dict[str, Impl] = {
     "quantize": _quantize,
     "dequantize": _dequantize,
     "torch": _torch,
+    "onnx": lambda ins, a, fr: run_onnx_node(ins, a, fr.node, fr.device),
 }
 
 

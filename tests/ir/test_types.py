@@ -46,6 +46,9 @@ TORCH_OF = {
     "i16": torch.int16,
     "i8": torch.int8,
     "u8": torch.uint8,
+    "u16": torch.uint16,  # ONNX tensors (the ONNX frontend)
+    "u32": torch.uint32,
+    "u64": torch.uint64,
     "bool": torch.bool,
 }
 
@@ -69,7 +72,7 @@ def test_dtype_parse_unknown_names_the_valid_ones():
     with pytest.raises(ValueError) as e:
         DType.parse("f33")
     assert str(e.value) == (
-        "unknown dtype 'f33'; expected one of f64, f32, f16, bf16, f8e4m3, f8e5m2, i64, i32, i16, i8, u8, bool"
+        "unknown dtype 'f33'; expected one of f64, f32, f16, bf16, f8e4m3, f8e5m2, i64, i32, i16, i8, u8, u16, u32, u64, bool"
     )
 
 

@@ -105,6 +105,8 @@ def test_every_op_of_the_reference_backend_is_covered():
     # tested with the pass that makes them: qlinear in tests/passes/test_fold.py (against the
     # dequantized product in float64), gather in tests/passes/test_reorder.py
     tested |= {"qlinear", "gather"}
+    # onnx (ONNX ops run by onnx.reference): tests/frontends/onnx, its conformance tests above all
+    tested |= {"onnx"}
     assert set(IMPLS) == tested
 
 
