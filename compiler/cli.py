@@ -1,6 +1,6 @@
 """The `mxc` command line: compile a model to an artifact, inspect it, run it, time it.
 
-    mxc compile MODEL --plan w4a16-g128 -o out/   # MODEL: a Hugging Face directory or a .gguf file
+    mxc compile MODEL --plan w4a16-g128 -o out/   # MODEL: a Hugging Face directory, a .gguf or an .onnx file
     mxc inspect out/                              # layers, formats, bits, bytes, kernels, fallbacks
     mxc run out/ --prompt "def fib(n):" --max-new-tokens 32
     mxc bench out/ --batch 1 --seq 128 --iters 20
@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .calibrate import text_batches
 from .compiled import CompiledModel
 from .driver import compile as mxc_compile
+from .frontends.onnx import OnnxImportError, load_onnx
 from .ir import DType, Graph
 from .passes import PassError
 from .plan import PRESETS, Plan
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile a model and save it as an artifact directory",
                        description="Compile MODEL with a plan and save the artifact to DIR; prints the report.")
     p.add_argument("model", metavar="MODEL",
-                   help="a Hugging Face model directory (config.json + safetensors) or a .gguf file")
+                   help="a Hugging Face model directory (config.json + safetensors), a .gguf or an .onnx file")
     p.add_argument("--plan", metavar="PRESET|FILE",
                    help=f"a preset ({', '.join(PRESETS)}) or a plan .json file; default: no plan (float)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="the artifact directory to write")
@@ -146,7 +147,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     what = "float" if plan is None else f"plan {plan.name or args.plan}"
     cal = f", calibrated on {n} windows of {args.calibration_seq_len} tokens" if batches else ""
     _progress(f"compiling ({what}{cal}, backend {args.backend})")
-    compiled = mxc_compile(model, plan, backend=args.backend, calibration=batches)
+    try:
+        compiled = mxc_compile(model, plan, backend=args.backend, calibration=batches)
+    except OnnxImportError as e:  # a malformed .onnx file or one with ops/opsets mxc does not know
+        raise UsageError(str(e)) from None
     save(compiled, out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(compiled.report())
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -171,20 +175,27 @@ def parse_plan(text: str | None) -> Plan | None:
 
 
 def check_model_path(path: str | Path) -> Path:
-    """`path` if it is a Hugging Face model directory (config.json) or a .gguf file, else a
-    UsageError that says what is accepted (an .onnx file: not yet)."""
+    """`path` if it is a Hugging Face model directory (config.json), a .gguf or an .onnx file,
+    else a UsageError that says what is accepted."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{p}: no such file or directory")
-    if p.suffix == ".onnx":
-        raise UsageError(f"{p}: the ONNX frontend is not available yet; export the model to Hugging Face format or GGUF")
+    if p.is_file() and p.suffix == ".onnx":
+        try:  # refuse a corrupt or unsupported file before anything else runs
+            load_onnx(p)
+        except OnnxImportError as e:
+            raise UsageError(str(e)) from None
+        return p
     if not (p.is_file() and p.suffix == ".gguf") and not (p / "config.json").is_file():
         raise UsageError(f"{p}: expected a Hugging Face model directory (with config.json), a .gguf or an .onnx file")
     return p
 
 
 def has_tokenizer(model_path: Path) -> bool:
-    """Whether the model at `model_path` comes with a tokenizer (a .gguf file always does)."""
+    """Whether the model at `model_path` comes with a tokenizer (a .gguf file always does, an
+    .onnx file never)."""
+    if model_path.suffix == ".onnx":
+        return False
     return model_path.is_file() or any((model_path / f).is_file() for f in TOKENIZER_FILES)
 
 
@@ -193,6 +204,8 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, Any]:
     in eval mode. A directory whose config names a `...ForCausalLM` architecture loads as a
     causal LM, any other as `AutoModel`."""
     p = check_model_path(path)
+    if p.suffix == ".onnx":  # imported by mxc.compile itself (the ONNX frontend)
+        return str(p), None
     try:
         import transformers
     except ImportError:

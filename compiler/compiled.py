@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .frontends.onnx import onnx_fallbacks
 from .ir import Graph, parse_layout
 from .signature import CallSpec
 
@@ -199,6 +200,7 @@ class CompiledModel:
     def report(self) -> Report:
         counts = self.graph.op_counts()
         fallbacks = {k.removeprefix("torch:"): v for k, v in counts.items() if k.startswith("torch:")}
+        fallbacks.update(onnx_fallbacks(self.graph))  # ONNX ops run by onnx.reference: "onnx:ai.onnx.GatherND"
         layers = _with_packed_bytes(dict(self.graph.meta.get("quantized", {})), self.graph.meta.get("layout", {}))
         packed_names = {n for r in layers.values() for n in r.get("weights", ())}  # counted in r["bytes"]
         weights = self.graph.used_weights()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .compiled import CompiledModel
+from .frontends.onnx import is_onnx, load_onnx
 from .frontends.torch_export import capture
 from .ir import flags
 from .passes import run_pipeline
@@ -32,7 +33,7 @@ QUANT_PIPELINE = ["canonicalize", "calibrate", "smooth", "reorder", "quantize", 
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile
-    model: torch.nn.Module,
+    model: "torch.nn.Module | str | os.PathLike | onnx.ModelProto",
     plan: "Plan | str | dict | None" = None,
     *,
     example_inputs: Any = None,
@@ -43,7 +44,9 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     device: torch.device | str | None = None,
     calibration: Any = None,
 ) -> CompiledModel:
-    """Compile `model` to a `CompiledModel`.
+    """Compile `model` to a `CompiledModel`. `model` is an `nn.Module`, or an ONNX model (a
+    path ending in `.onnx` or an `onnx.ModelProto`, imported by `mxc.frontends.onnx`;
+    `example_inputs` and `dynamic_shapes` do not apply to it).
 
     `example_inputs`: a tensor, a tuple of positional arguments or a dict of keyword
     arguments (default for Hugging Face models: random `input_ids` of shape [2, 16]).
@@ -66,7 +69,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)} or auto")
     debug = flags.DEBUG.get() if debug is None else debug
-    captured = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    if is_onnx(model):  # an .onnx path or a ModelProto: the ONNX frontend instead of torch.export
+        captured = load_onnx(model)
+    else:
+        captured = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
     if plan is None:
         pipeline = {name: True for name in FLOAT_PIPELINE}
         result = run_pipeline(captured.graph, FLOAT_PIPELINE, verify=debug, dump_dir=dump_ir)

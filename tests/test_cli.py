@@ -173,7 +173,7 @@ def test_errors_on_bad_paths(artifacts, model_dir, tmp_path):
     assert_user_error(cli("compile", tmp_path / "missing", "-o", tmp_path / "o"), 2, "no such file or directory")
     (tmp_path / "m.onnx").write_bytes(b"onnx")
     assert_user_error(cli("compile", tmp_path / "m.onnx", "-o", tmp_path / "o"), 2,
-                      "the ONNX frontend is not available yet")
+                      "not a readable ONNX model")
     assert_user_error(cli("compile", tmp_path, "-o", tmp_path / "o"), 2, "expected a Hugging Face model directory")
     assert_user_error(cli("compile", model_dir, "-o", artifacts["float"][0]), 1,
                       "already holds an artifact; pass overwrite=True (mxc compile --overwrite)")
