@@ -14,6 +14,7 @@ from .frontends.torch_export import CaptureError
 from .plan import PRESETS, Plan, Rule
 from .runtime import ExecutionError, InputError
 from .runtime.artifact import ArtifactError, load, save
+from .onnx_export import OnnxExportError, export_onnx
 from .signature import CallError
 
 __version__ = "0.1.0"
@@ -23,3 +24,4 @@ __all__ = [
     "PRESETS", "Plan", "Report", "Rule", "compile", "eval", "models",
 ]
 __all__ += ["ArtifactError", "load", "save"]
+__all__ += ["OnnxExportError", "export_onnx"]
