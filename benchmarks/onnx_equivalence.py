@@ -94,11 +94,8 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     args = ap.parse_args()
     torch.manual_seed(0)
-    lines = []
-
-    def say(line: str) -> None:
-        lines.append(line)
-        print(line, flush=True)
+    results = Results("ONNX frontend: equivalence with eager torch and the torch route")
+    say = results.say
 
     with tempfile.TemporaryDirectory() as tmp:
         llm, tok = models.load_smollm2()
@@ -147,23 +144,42 @@ def main() -> int:
         say(f"all-MiniLM-L6-v2 {args.plan}: ONNX route vs torch route, {same_layers(q_onnx, q_torch)}; "
             f"max relative difference of last_hidden_state {diff:.2e}")
 
-    command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} python benchmarks/onnx_equivalence.py "
-               f"--plan {args.plan} --calibrated-plan {args.calibrated_plan} --calibration {args.calibration} "
-               f"--windows {args.windows} --seq-len {args.seq_len}")
-    text = "\n".join([
-        "## ONNX frontend: equivalence with eager torch and the torch route",
-        "",
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU "
-        f"({os.cpu_count()} cores), torch {torch.__version__}, reference backend. Command: `{command}`.",
-        "",
-        *[f"- {line}" for line in lines],
-    ]) + "\n"
-    print()
-    print(text)
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write("\n" + text)
+    command = (f"python benchmarks/onnx_equivalence.py --plan {args.plan} --calibrated-plan {args.calibrated_plan} "
+               f"--calibration {args.calibration} --windows {args.windows} --seq-len {args.seq_len}")
+    results.finish(command, write=not args.no_write)
     return 0
+
+
+class Results:
+    """One RESULTS.md block: lines printed as they come (`say`), then `finish` prints the
+    block (`## title`, the date, machine and command with the OMP_NUM_THREADS it ran under,
+    the lines as a list) and appends it to RESULTS.md when `write`."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.lines: list[str] = []
+
+    def say(self, line: str) -> None:
+        self.lines.append(line)
+        print(line, flush=True)
+
+    def finish(self, command: str, write: bool) -> str:
+        threads = os.environ.get("OMP_NUM_THREADS", "unset")
+        text = "\n".join([
+            f"## {self.title}",
+            "",
+            f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.machine()} CPU "
+            f"({os.cpu_count()} cores), torch {torch.__version__}, reference backend. Command: "
+            f"`OMP_NUM_THREADS={threads} {command}`.",
+            "",
+            *[f"- {line}" for line in self.lines],
+        ]) + "\n"
+        print()
+        print(text)
+        if write:
+            with RESULTS.open("a") as f:
+                f.write("\n" + text)
+        return text
 
 
 if __name__ == "__main__":

@@ -72,20 +72,17 @@ from .ir.formats import SCALE_MAX, FloatFormat, IntFormat, NumberFormat
 from .ir.ops import SLICE_END, quant_parts
 from .ir.packing import from_codes, unpack
 from .ir.printer import print_node, region_of, value_names
-from .onnx_export_aten import ATEN_OPS, torch_node
+from .onnx_export_aten import ATEN_OPS, F, INT64_MAX, torch_node
+from .runtime.onnx_node import ONNX_TYPES, to_numpy
 
 #: The lowest opset the exporter writes: int4/uint4 and blocked (De)QuantizeLinear.
 MIN_OPSET = 21
 #: The largest opset of the installed onnx package (1.23: 28).
 MAX_OPSET = onnx.defs.onnx_opset_version()
-INT64_MAX = 2**63 - 1
+#: Initializers larger than this in all (bytes) are saved as external data, `{path}.data`:
+#: a protobuf holds at most 2 GB.
+EXTERNAL_DATA_BYTES = 1_500_000_000
 
-_DTYPES = {
-    "f64": TensorProto.DOUBLE, "f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16,
-    "f8e4m3": TensorProto.FLOAT8E4M3FN, "f8e5m2": TensorProto.FLOAT8E5M2, "i64": TensorProto.INT64,
-    "i32": TensorProto.INT32, "i16": TensorProto.INT16, "i8": TensorProto.INT8, "u8": TensorProto.UINT8,
-    "bool": TensorProto.BOOL,
-}
 #: Float element formats: (their ONNX type, the opset that has it).
 _FLOAT_TYPES = {
     "fp8e4m3": (TensorProto.FLOAT8E4M3FN, MIN_OPSET), "fp8e5m2": (TensorProto.FLOAT8E5M2, MIN_OPSET),
@@ -108,7 +105,9 @@ def export_onnx(compiled: Any, path: str | os.PathLike | None = None, *, opset: 
     Inputs keep the compiled model's input names (`input_ids`), outputs take the names of its
     output record (`logits`), size symbols become `dim_param`s (`b`, `s`), initializers keep
     the IR's weight names (`model.layers.0.mlp.up_proj.weight`, `...weight.scale`). The
-    model passes `onnx.checker.check_model(full_check=True)`.
+    model passes `onnx.checker.check_model(full_check=True)`. Initializers over
+    `EXTERNAL_DATA_BYTES` are saved as external data beside `path` (`{path}.data`), the model
+    checked from its files and returned as loaded from them; such a model needs a `path`.
 
         model = mxc.export_onnx(mxc.compile(model, "w4a16-g128"), "llama-w4.onnx")
         onnx.reference.ReferenceEvaluator(model).run(None, {"input_ids": ids})
@@ -122,11 +121,19 @@ def export_onnx(compiled: Any, path: str | os.PathLike | None = None, *, opset: 
     model = _Exporter(graph, opset).model(outputs)
     model.metadata_props.add(key="mxc.plan", value=str(getattr(compiled.plan, "name", None) or
                                                       ("float" if compiled.plan is None else "custom")))
-    onnx.checker.check_model(model, full_check=True)
+    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    if not big:
+        onnx.checker.check_model(model, full_check=True)
+    elif path is None:
+        raise OnnxExportError(f"the initializers of {graph.name!r} take more than {EXTERNAL_DATA_BYTES} bytes, "
+                              "over what one protobuf holds (2 GB); pass path= to save them as external data")
     if path is not None:
-        big = sum(t.ByteSize() for t in model.graph.initializer) > 1_500_000_000  # protobuf's 2 GB limit
-        onnx.save_model(model, os.fspath(path), save_as_external_data=big,
-                        location=os.path.basename(os.fspath(path)) + ".data" if big else None)
+        path = os.fspath(path)
+        onnx.save_model(model, path, save_as_external_data=big,
+                        location=os.path.basename(path) + ".data" if big else None)
+        if big:  # a model over 2 GB is checked from its files
+            onnx.checker.check_model(path, full_check=True)
+            model = onnx.load(path)
     return model
 
 
@@ -652,22 +659,18 @@ class _Exporter:
 
 
 def _value_info(name: str, t: Any, opset: int) -> onnx.ValueInfoProto:
-    elem = _container(t.dtype, opset) if isinstance(t.dtype, (IntFormat, FloatFormat)) else _DTYPES[t.dtype.name]
+    elem = _container(t.dtype, opset) if isinstance(t.dtype, (IntFormat, FloatFormat)) else ONNX_TYPES[t.dtype.name]
     dims = [d if isinstance(d, int) else str(d) for d in t.shape]
     return helper.make_tensor_value_info(name, elem, dims)
 
 
 def _onnx_type(dtype: DType) -> int:
-    return _DTYPES[dtype.name]
+    return ONNX_TYPES[dtype.name]
 
 
 def _numpy(tensor: torch.Tensor, dtype: DType) -> np.ndarray:
-    t = tensor.detach().cpu().to(dtype.torch)
-    if t.dtype == torch.bfloat16:
-        return t.float().numpy().astype(helper.tensor_dtype_to_np_dtype(TensorProto.BFLOAT16))
-    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        return t.float().numpy().astype(helper.tensor_dtype_to_np_dtype(_DTYPES[dtype.name]))
-    return t.numpy()
+    """`tensor` in `dtype` as a numpy array (bfloat16 and float8 as their `ml_dtypes` types)."""
+    return to_numpy(tensor.to(dtype.torch))
 
 
 def _code_values(tensor: torch.Tensor, t: Any) -> torch.Tensor:
@@ -693,7 +696,6 @@ def _exact(arr: np.ndarray, onnx_type: int, name: str) -> np.ndarray:
 # A rule writes one IR node: rule(exporter, node, operand names) -> output name(s).
 
 Rule = Callable[[_Exporter, Node, list[str]], Any]
-F = TensorProto.FLOAT
 
 
 def _linear(ex: _Exporter, node: Node, _: list[str]) -> str:
@@ -849,4 +851,4 @@ _RULES: dict[str, Rule] = {
 }
 
 
-__all__ = ["ATEN_OPS", "MAX_OPSET", "MIN_OPSET", "OnnxExportError", "export_onnx"]
+__all__ = ["ATEN_OPS", "EXTERNAL_DATA_BYTES", "MAX_OPSET", "MIN_OPSET", "OnnxExportError", "export_onnx"]

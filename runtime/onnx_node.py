@@ -24,7 +24,8 @@ import torch
 
 from ..ir import DType
 
-#: IR dtype name -> ONNX element type (`onnx.TensorProto` values).
+#: IR dtype name -> ONNX element type (`onnx.TensorProto` values): the one table of the ONNX
+#: frontend (`mxc.frontends.onnx.values`), `mxc.export_onnx` and `onnx` fallback nodes.
 ONNX_TYPES = {
     "f32": 1, "u8": 2, "i8": 3, "u16": 4, "i16": 5, "i32": 6, "i64": 7, "bool": 9, "f16": 10, "f64": 11,
     "u32": 12, "u64": 13, "bf16": 16, "f8e4m3": 17, "f8e5m2": 19,

@@ -206,3 +206,23 @@ def test_opset_out_of_range_and_too_low_for_float_activations(compiled):
         export_onnx(cm, opset=21)
     assert 'quantize(%0) {format=fp4e2m1<block16,scale=fp8e4m3,global>}' in str(err.value)  # the node, in its region
     assert 'loc("model.layers.0.self_attn.q_proj")' in str(err.value)
+
+
+def test_large_models_are_saved_as_external_data_and_checked_by_path(compiled, ids, monkeypatch, tmp_path):
+    """Initializers over `EXTERNAL_DATA_BYTES` (here every one: the limit set to 0) go to
+    `{path}.data` and the model is checked from its files, as a model over protobuf's 2 GB must
+    be; the model returned runs like the reference. Without a path such a model is refused."""
+    import mxc.onnx_export as onnx_export_module
+
+    monkeypatch.setattr(onnx_export_module, "EXTERNAL_DATA_BYTES", 0)
+    cm = compiled("w4a16-g128", "w4a16-g128")
+    path = tmp_path / "llama-w4.onnx"
+    model = export_onnx(cm, path)
+    assert (tmp_path / "llama-w4.onnx.data").stat().st_size > path.stat().st_size  # the weights are out of the proto
+    codes = _initializer(onnx.load(path, load_external_data=False), "model.layers.0.mlp.up_proj.weight")
+    assert codes.data_location == T.EXTERNAL and codes.data_type == T.UINT4
+    got = ReferenceEvaluator(model).run(None, {"input_ids": ids.numpy()})[0]
+    want = cm(ids).logits.numpy()
+    assert np.abs(got - want).max() <= EXACT * np.abs(want).max()
+    with pytest.raises(OnnxExportError, match=r"take more than 0 bytes.*pass path= to save them as external data"):
+        export_onnx(cm)

@@ -16,10 +16,12 @@ import onnx
 import sympy
 
 from ...ir import DTYPES, Value
+from .importer import one_node_model
 from .values import Static, ir_dtype, symbolic_array
 
 #: Ops never folded: their result is not a function of their operands alone.
 NO_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+#: Largest Static (in elements) folded numerically instead of emitted as ops.
 FOLD_LIMIT = 4096
 
 
@@ -146,21 +148,14 @@ def _evaluate(node: onnx.NodeProto, entries: list[Any], opsets) -> list[Static] 
     """Run `node` once on its numeric operands with `onnx.reference`."""
     from onnx.reference import ReferenceEvaluator
 
-    feeds, names = {}, []
+    feeds, inputs = {}, []
     for i, (n, e) in enumerate(zip(node.input, entries)):
-        if not n or e is None:
-            names.append("")
-            continue
-        names.append(f"in{i}")
-        feeds[f"in{i}"] = e.numeric()
-    one = onnx.NodeProto()
-    one.CopyFrom(node)
-    del one.input[:]
-    one.input.extend(names)
-    ev = ReferenceEvaluator(onnx.helper.make_model(
-        onnx.helper.make_graph([one], "fold", [onnx.helper.make_tensor_value_info(k, 0, None) for k in feeds],
-                               [onnx.helper.make_tensor_value_info(o, 0, None) for o in one.output if o]),
-        opset_imports=opsets))
+        present = bool(n) and e is not None
+        inputs.append(onnx.helper.make_tensor_value_info(f"in{i}", 0, None) if present else None)
+        if present:
+            feeds[f"in{i}"] = e.numeric()
+    outputs = [onnx.helper.make_tensor_value_info(f"out{i}", 0, None) if o else None for i, o in enumerate(node.output)]
+    ev = ReferenceEvaluator(one_node_model(node, inputs, outputs, opsets))
     out = []
     for r in ev.run(None, feeds):
         arr = np.asarray(r)

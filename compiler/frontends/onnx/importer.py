@@ -32,7 +32,7 @@ import onnx.numpy_helper
 import sympy
 import torch
 
-from ...ir import DimRange, Graph, Node, TensorType, Value, sym
+from ...ir import DimRange, DType, Graph, Node, TensorType, Value, sym
 from ...ir.types import refine
 from ...ir.ops import OPS
 from .values import DTYPE_OF, ONNX_OF, Static, ir_dtype, symbolic_array
@@ -41,8 +41,6 @@ Entry = "Value | Static | None"
 SCOPES = "pkg.torch.onnx.name_scopes"
 #: Domains whose ops the frontend knows (by their schemas in `onnx.defs`).
 DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
-#: Largest Static (in elements) the importer folds numerically instead of emitting ops.
-FOLD_LIMIT = 4096
 
 
 class OnnxImportError(ValueError):
@@ -51,6 +49,25 @@ class OnnxImportError(ValueError):
 
 def describe(node: onnx.NodeProto) -> str:
     return f"node {node.name or '<unnamed>'!r} ({node.domain + '.' if node.domain else ''}{node.op_type})"
+
+
+def one_node_model(node: onnx.NodeProto, inputs: list[onnx.ValueInfoProto | None],
+                   outputs: list[onnx.ValueInfoProto | None], opset_import: Any,
+                   initializers: list[onnx.TensorProto] = ()) -> onnx.ModelProto:
+    """A model of `node` alone, its operands and results renamed after `inputs` and `outputs`
+    (one `ValueInfoProto` each, None for an omitted optional one), to run (`fold`) or type
+    (`Importer.infer`) it on its own:
+
+        Add(x, bias) -> y    becomes    graph(in0, in1) { Add(in0, in1) -> out0 }
+    """
+    one = onnx.NodeProto()
+    one.CopyFrom(node)
+    del one.input[:], one.output[:]
+    one.input.extend(vi.name if vi is not None else "" for vi in inputs)
+    one.output.extend(vi.name if vi is not None else "" for vi in outputs)
+    graph = onnx.helper.make_graph([one], f"one_{node.op_type}", [vi for vi in inputs if vi is not None],
+                                   [vi for vi in outputs if vi is not None], list(initializers))
+    return onnx.helper.make_model(graph, opset_imports=opset_import)
 
 
 def check(model: onnx.ModelProto) -> None:
@@ -122,6 +139,15 @@ class Importer:
         self.ranges: dict[sympy.Symbol, tuple[int, int | None]] = {}  # each symbol's (lo, hi)
         self.loc: str | None = None  # the module path of the node being imported
 
+    @staticmethod
+    def dtype(elem_type: int, where: str) -> DType:
+        """The IR dtype of ONNX element type `elem_type` (`values.ir_dtype`); an
+        `OnnxImportError` naming `where` (a value, a node's output) when it has none."""
+        try:
+            return ir_dtype(elem_type, where)
+        except ValueError as e:
+            raise OnnxImportError(str(e)) from None
+
     # ------------------------------------------------------------------ inputs
     def _dim(self, d: onnx.TensorShapeProto.Dimension, axis: int, where: str):
         if d.HasField("dim_value"):
@@ -143,10 +169,7 @@ class Importer:
             raise OnnxImportError(f"graph input {vi.name!r} is not a tensor ({vi.type.WhichOneof('value')}); "
                                   "mxc imports tensor inputs only")
         where = f"graph input {vi.name!r}"
-        try:
-            dtype = ir_dtype(t.elem_type, where)
-        except ValueError as e:
-            raise OnnxImportError(str(e)) from None
+        dtype = self.dtype(t.elem_type, where)
         if not t.HasField("shape"):
             raise OnnxImportError(f"{where} has no shape; mxc needs each input's rank")
         shape = tuple(self._dim(d, i, vi.name) for i, d in enumerate(t.shape.dim))
@@ -305,7 +328,8 @@ class Importer:
         """The output types of `node` on operands `entries`, by ONNX shape inference on a
         one-node model whose symbolic dims are named for the IR's size expressions."""
         names: dict[str, Any] = {}
-        inputs, inits = [], []
+        inputs: list[onnx.ValueInfoProto | None] = []
+        inits: list[onnx.TensorProto] = []
 
         def dim(d):
             d = self.refined(d)
@@ -315,13 +339,11 @@ class Importer:
             names[key] = d
             return key
 
-        node_inputs = []
         for i, (name, e) in enumerate(zip(node.input, entries)):
             if name == "" or e is None:
-                node_inputs.append("")
+                inputs.append(None)
                 continue
             iname = f"in{i}"
-            node_inputs.append(iname)
             if isinstance(e, Static) and not e.symbolic:
                 arr = e.numeric()
                 inits.append(onnx.numpy_helper.from_array(arr, iname))
@@ -329,15 +351,9 @@ class Importer:
             else:
                 t = self.value(e, name).type if isinstance(e, Static) else e.type
                 inputs.append(onnx.helper.make_tensor_value_info(iname, ONNX_OF[t.dtype.name], [dim(d) for d in t.shape]))
-        one = onnx.NodeProto()
-        one.CopyFrom(node)
-        del one.input[:]
-        one.input.extend(node_inputs)
-        del one.output[:]
         outs = [f"out{i}" for i in range(len(node.output))]
-        one.output.extend(outs)
-        graph = onnx.helper.make_graph([one], "infer", inputs, [onnx.ValueInfoProto(name=o) for o in outs], inits)
-        model = onnx.helper.make_model(graph, opset_imports=self.model.opset_import)
+        model = one_node_model(node, inputs, [onnx.ValueInfoProto(name=o) for o in outs], self.model.opset_import,
+                               inits)
         model.ir_version = self.model.ir_version
         try:
             inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
@@ -360,11 +376,7 @@ class Importer:
                 else:
                     raise OnnxImportError(f"{describe(node)}: dim {k} of output {orig!r} depends on data, not on "
                                           "the input shapes; mxc needs static or symbolic sizes")
-            try:
-                dtype = ir_dtype(tt.elem_type, f"{describe(node)} output {orig!r}")
-            except ValueError as e:
-                raise OnnxImportError(str(e)) from None
-            types.append(TensorType(tuple(shape), dtype))
+            types.append(TensorType(tuple(shape), self.dtype(tt.elem_type, f"{describe(node)} output {orig!r}")))
         return types
 
     def fallback(self, node: onnx.NodeProto, entries: list[Any]) -> list[Value]:
@@ -397,10 +409,7 @@ class Importer:
             if vi.name not in init_names:
                 inputs.append(self._input(vi, len(inputs)))
         for init in g.initializer:
-            try:
-                dtype = ir_dtype(init.data_type, f"initializer {init.name!r}")
-            except ValueError as e:
-                raise OnnxImportError(str(e)) from None
+            dtype = self.dtype(init.data_type, f"initializer {init.name!r}")
             self.env[init.name] = Static(onnx.numpy_helper.to_array(init), dtype, init.name)
         for node in g.node:
             entries = [self.env.get(i) if i else None for i in node.input]

@@ -97,24 +97,15 @@ def _factors(imp: Importer, name: str, depth: int = 0) -> list[str]:
     return _factors(imp, n.input[0], depth + 1) + _factors(imp, n.input[1], depth + 1)
 
 
-def _erf_arg(imp: Importer, name: str) -> str | None:
-    """x if `name` is 1 + Erf(x / sqrt 2) (or x * (1/sqrt 2)), one use each."""
+def _one_plus(imp: Importer, name: str, op_type: str) -> onnx.NodeProto | None:
+    """The `op_type` node f if `name` is 1 + f(..) (either operand order), one use each."""
     add = _single(imp, name)
     if add is None or add.op_type != "Add":
         return None
     for i in (0, 1):
-        erf = _single(imp, add.input[i])
-        if erf is None or erf.op_type != "Erf" or _const(imp.env.get(add.input[1 - i])) != 1.0:
-            continue
-        inner = _single(imp, erf.input[0])
-        if inner is None:
-            continue
-        c = _const(imp.env.get(inner.input[1]))
-        if c is None:
-            continue
-        if (inner.op_type == "Div" and abs(c - math.sqrt(2)) < 1e-6) or \
-                (inner.op_type == "Mul" and abs(c - 1 / math.sqrt(2)) < 1e-6):
-            return inner.input[0]
+        f = _single(imp, add.input[i])
+        if f is not None and f.op_type == op_type and _const(imp.env.get(add.input[1 - i])) == 1.0:
+            return f
     return None
 
 
@@ -130,25 +121,31 @@ def _times(imp: Importer, name: str, c: float, tol: float = 1e-6) -> str | None:
     return None
 
 
+def _erf_arg(imp: Importer, name: str) -> str | None:
+    """x if `name` is 1 + Erf(x / sqrt 2) (or x * (1/sqrt 2)), one use each."""
+    erf = _one_plus(imp, name, "Erf")
+    if erf is None:
+        return None
+    div = _single(imp, erf.input[0])
+    c = _const(imp.env.get(div.input[1])) if div is not None and div.op_type == "Div" else None
+    if c is not None and abs(c - math.sqrt(2)) < 1e-6:
+        return div.input[0]
+    return _times(imp, erf.input[0], 1 / math.sqrt(2))
+
+
 def _tanh_arg(imp: Importer, name: str) -> str | None:
     """x if `name` is 1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3)) (either operand order of
     each Add and Mul), one use each."""
-    add = _single(imp, name)
-    if add is None or add.op_type != "Add":
+    tanh = _one_plus(imp, name, "Tanh")
+    scaled = _times(imp, tanh.input[0], math.sqrt(2 / math.pi)) if tanh is not None else None
+    inner = _single(imp, scaled) if scaled is not None else None
+    if inner is None or inner.op_type != "Add":
         return None
-    for i in (0, 1):
-        tanh = _single(imp, add.input[i])
-        if tanh is None or tanh.op_type != "Tanh" or _const(imp.env.get(add.input[1 - i])) != 1.0:
-            continue
-        scaled = _times(imp, tanh.input[0], math.sqrt(2 / math.pi))
-        inner = _single(imp, scaled) if scaled is not None else None
-        if inner is None or inner.op_type != "Add":
-            continue
-        for j in (0, 1):
-            x, cube = inner.input[j], _times(imp, inner.input[1 - j], 0.044715)
-            pw = _single(imp, cube) if cube is not None else None
-            if pw is not None and pw.op_type == "Pow" and pw.input[0] == x and _exponent(imp, pw.input[1]) == 3:
-                return x
+    for j in (0, 1):
+        x, cube = inner.input[j], _times(imp, inner.input[1 - j], 0.044715)
+        pw = _single(imp, cube) if cube is not None else None
+        if pw is not None and pw.op_type == "Pow" and pw.input[0] == x and _exponent(imp, pw.input[1]) == 3:
+            return x
     return None
 
 

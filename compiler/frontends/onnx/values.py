@@ -18,16 +18,12 @@ import sympy
 
 from ...ir import DType
 from ...ir.dtypes import DTYPES
+from ...runtime.onnx_node import ONNX_TYPES
 
+#: IR dtype -> ONNX element type (the runtime's table, which `onnx` fallback nodes use too).
+ONNX_OF = ONNX_TYPES
 #: ONNX element type -> IR dtype.
-DTYPE_OF = {
-    onnx.TensorProto.FLOAT: "f32", onnx.TensorProto.DOUBLE: "f64", onnx.TensorProto.FLOAT16: "f16",
-    onnx.TensorProto.BFLOAT16: "bf16", onnx.TensorProto.INT64: "i64", onnx.TensorProto.INT32: "i32",
-    onnx.TensorProto.INT16: "i16", onnx.TensorProto.INT8: "i8", onnx.TensorProto.UINT8: "u8",
-    onnx.TensorProto.UINT16: "u16", onnx.TensorProto.UINT32: "u32", onnx.TensorProto.UINT64: "u64",
-    onnx.TensorProto.BOOL: "bool", onnx.TensorProto.FLOAT8E4M3FN: "f8e4m3", onnx.TensorProto.FLOAT8E5M2: "f8e5m2",
-}
-ONNX_OF = {v: k for k, v in DTYPE_OF.items()}
+DTYPE_OF = {v: k for k, v in ONNX_OF.items()}
 #: IR integer/bool dtype -> numpy dtype (for folded shape values).
 NUMPY_OF = {"i64": np.int64, "i32": np.int32, "i16": np.int16, "i8": np.int8, "u8": np.uint8, "bool": np.bool_,
             "u16": np.uint16, "u32": np.uint32, "u64": np.uint64}
