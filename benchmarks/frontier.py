@@ -2,18 +2,20 @@
 model size, automatic plans against uniform plans, and how far the solver's additive error
 model can be trusted.
 
-    python benchmarks/frontier.py [--budgets 2.5 3 3.25 w4a16-g128 ...] [--windows 8] [--quantizer gptq]
+    python benchmarks/frontier.py [--budgets 2.5 3 3.25 w4a16-g128 ...] [--windows 8] [--method gptq|rtn]
 
 1. Sensitivity: every linear weight but lm_head (which stays float, as in the presets), each
    of `CANDIDATES`, the increase of KL(float ‖ quantized) of the logits with only that weight
    quantized, on `--sens-windows` × `--sens-len` tokens of calibration text
-   (`mxc.sensitivity.measure`; `--quantizer gptq` measures each candidate as the compile
-   builds it: clipping search + GPTQ on Hessians from the compile's calibration text).
-   Saved as JSON in `--cache` and reused by later runs.
+   (`mxc.sensitivity.measure`), each candidate quantized as the plans will be compiled:
+   `--method gptq` (default): clipping search + GPTQ on Hessians from the compile's
+   calibration text; `--method rtn`: round to nearest. Saved as JSON in `--cache` and
+   reused by later runs.
 2. Uniform plans (`UNIFORM`: one weight format for every linear but lm_head) and automatic
    plans (`Plan.auto(model, budget, measured=...)` per budget; a budget named after a uniform
-   plan is that plan's average bits) are compiled alike: GPTQ + clipping search on 8×512
-   calibration tokens from the end of the text, reference backend. Each gets its size, its
+   plan is that plan's average bits) are compiled alike, reference backend: `--method gptq`:
+   GPTQ + clipping search on 8×512 calibration tokens from the end of the text; `--method
+   rtn`: round to nearest, no calibration data. Each gets its size, its
    perplexity over `--windows`×512 tokens from the start of the text, and its measured KL
    against float on the sensitivity windows. Rows are cached in `--cache` too: a rerun
    continues where the last one stopped (`--fresh` starts over).
@@ -63,6 +65,14 @@ def uniform_plan(name: str):
     return mxc.Plan(rules=(mxc.Rule("lm_head"),), default=mxc.Rule(weight=UNIFORM[name]), name=name)
 
 
+def compiled_as(plan, method: str):
+    """`plan` as `--method` compiles it: "gptq" keeps the plan's own method ("auto": GPTQ +
+    clipping search with calibration data); "rtn" rounds to nearest without clipping search."""
+    import dataclasses
+
+    return plan if method == "gptq" else dataclasses.replace(plan, method="rtn", clip_search=False)
+
+
 class Bench:
     """The model, its tokenizer, the text windows, and the float reference; `row(plan)`
     compiles and measures one plan."""
@@ -87,9 +97,9 @@ class Bench:
 
         if path.exists() and not self.args.fresh:
             return sensitivity.Sensitivity.from_dict(json.loads(path.read_text()))
-        more = self.calibration if self.args.quantizer == "gptq" else None
+        more = self.calibration if self.args.method == "gptq" else None
         got = sensitivity.measure(self.model, {"lm_head:weight": [], "weight": self.args.candidates}, self.sens_windows,
-                                  quantizer=self.args.quantizer, hessian_calibration=more)
+                                  quantizer=self.args.method, hessian_calibration=more)
         path.write_text(json.dumps(got.to_dict(), indent=1))
         return got
 
@@ -101,7 +111,8 @@ class Bench:
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            compiled = mxc.compile(self.model, plan, calibration=self.calibration)
+            compiled = mxc.compile(self.model, compiled_as(plan, self.args.method),
+                                   calibration=self.calibration if self.args.method == "gptq" else None)
         seconds = time.perf_counter() - start
         report = compiled.report()
         ppl = mxc.eval.perplexity(compiled, self.tok, windows=self.args.windows)
@@ -187,7 +198,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 512 tokens")
     ap.add_argument("--sens-windows", type=int, default=2, help="sensitivity windows")
     ap.add_argument("--sens-len", type=int, default=128, help="tokens per sensitivity window")
-    ap.add_argument("--quantizer", default="gptq", choices=["rtn", "gptq"], help="how candidates are measured")
+    ap.add_argument("--method", default="gptq", choices=["rtn", "gptq"],
+                    help="how every plan is compiled and every candidate measured")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=HERE / "out", help="sensitivity JSON and finished rows")
     ap.add_argument("--fresh", action="store_true", help="measure everything again")
@@ -200,11 +212,11 @@ def main() -> None:
     import mxc
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.quantizer}-{args.sens_windows}x{args.sens_len}-w{args.windows}"
+    tag = f"{args.method}-{args.sens_windows}x{args.sens_len}-w{args.windows}"
     rows_path = args.cache / f"frontier-rows-{tag}.json"
     done: dict[str, dict] = {} if args.fresh or not rows_path.exists() else json.loads(rows_path.read_text())
     bench = Bench(args)
-    measured = bench.sensitivity(args.cache / f"sensitivity-smollm2-{args.quantizer}-{args.sens_windows}x{args.sens_len}.json")
+    measured = bench.sensitivity(args.cache / f"sensitivity-smollm2-{args.method}-{args.sens_windows}x{args.sens_len}.json")
     print(measured.describe(), flush=True)
 
     def keep(key: str, row: dict) -> None:
@@ -230,11 +242,13 @@ def main() -> None:
     when = datetime.date.today().isoformat()
     machine = f"{platform.machine()} CPU ({os.cpu_count()} cores), {args.threads} threads, torch {torch.__version__}"
     lines = [
-        f"## Frontier: automatic bit allocation on SmolLM2-135M ({when})",
+        f"## Frontier: automatic bit allocation on SmolLM2-135M, {args.method} ({when})",
         "",
-        f"{machine}, reference backend. Command: `python benchmarks/frontier.py --quantizer {args.quantizer}`. "
+        f"{machine}, reference backend. Command: `python benchmarks/frontier.py --method {args.method}`. "
         f"{measured.describe()} (candidates: {', '.join(args.candidates)}; lm_head float). Every plan compiled with "
-        f"GPTQ + clipping search on 8×512 calibration tokens; perplexity over {args.windows}×512 tokens "
+        + ("GPTQ + clipping search on 8×512 calibration tokens" if args.method == "gptq" else
+           "round to nearest (no calibration data, no clipping search)")
+        + f"; perplexity over {args.windows}×512 tokens "
         f"(float: {fp:.3f}); KL against float on the {args.sens_windows}×{args.sens_len} sensitivity tokens. "
         f"Plot: `benchmarks/{args.plot.name}`.",
         "",
