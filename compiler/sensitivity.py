@@ -349,7 +349,13 @@ class Suffixes:
                 e = torch.expm1(d)
                 a = (p[rows] * e).sum(-1, dtype=torch.float64)
                 c = ((e - d).mul_(p[rows])).sum(-1, dtype=torch.float64)
-                total += float((c + torch.log1p(a) - a).sum())
+                kl = c + torch.log1p(a) - a
+                far = ~torch.isfinite(kl)  # expm1 overflows past d ≈ 88: those rows by log-softmax
+                if bool(far.any()):
+                    q = F.log_softmax(got[rows][far].double(), -1)
+                    kl[far] = F.kl_div(q, F.log_softmax(ref[rows][far].double(), -1), reduction="none",
+                                       log_target=True).sum(-1)
+                total += float(kl.sum())
             return total
         labels = self.ids[batch][:, 1:].reshape(-1, 1)
         got = got[:, :-1].reshape(-1, vocab)

@@ -186,3 +186,19 @@ def test_unknown_quantizer_and_misplaced_hessian_data_are_refused(setup):
         sensitivity.measure(model, ["int4<asym,g32>"], batches, quantizer="awq", progress=False)
     with pytest.raises(ValueError, match="hessian_calibration is for quantizer='gptq'"):
         sensitivity.measure(model, ["int4<asym,g32>"], batches, hessian_calibration=batches, progress=False)
+
+
+def test_kl_score_survives_logit_differences_past_float32_exp_range(setup):
+    """A row whose logits move by more than ~88 (expm1 overflows in float32) is scored by
+    float64 log-softmax instead: finite and equal to it."""
+    model, batches, _ = setup
+    graph, inputs, ids = sensitivity.prepare(model, batches)
+    suffixes = sensitivity.Suffixes(graph, inputs, ids, "kl")
+    ref = suffixes.reference[0]
+    got = ref.clone()
+    got[0, 0, 0] += 200.0  # one position moves far, the others a little
+    got[0, 1:] += 0.01 * torch.randn_like(got[0, 1:])
+    want = float(F.kl_div(F.log_softmax(got.double(), -1), F.log_softmax(ref.double(), -1), reduction="sum",
+                          log_target=True))
+    score = suffixes.score(0, [got])
+    assert math.isfinite(score) and score == pytest.approx(want, rel=1e-4)
