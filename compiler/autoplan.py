@@ -8,15 +8,19 @@
 `auto_plan` measures every candidate on every tensor (`mxc.sensitivity.measure`), solves the
 multiple-choice knapsack exactly (`mxc.passes.allocate.solve`) and returns an ordinary `Plan`:
 one exact-path rule per layer, float by default, and the figures that chose each format in
-`plan.notes["allocation"]` (saved with the plan's JSON, shown by `plan.explain()`).
+`plan.notes["allocation"]` (saved with the plan's JSON, shown by `plan.explain()`). A weight
+candidate "int3<asym,g128>+16" keeps the layer's 16 input channels of largest activation in
+int8 (the rule's option `outliers`; compiling such a plan needs calibration data, which
+ranks the channels).
 
 Budgets: a number, or text such as "3.5" or "3.5bits", is average bits per weight over the
 allocated weights (Σ bits·numel / Σ numel, scales included); text with a byte unit ("90MB",
 "85.5MiB", "2GB", "120000000B"; MB = 10⁶ bytes, MiB = 2²⁰) is the model's weight bytes: the
 allocated weights plus every tensor left in float (embeddings, norms, lm_head) at its size in
-the model. Weights count as `format_bytes` has them: ceil(bits·N·K/8) bytes of codes; the
-layout pass stores each row in whole int32 words, which adds a few bytes per row when bits·K
-is not a multiple of 32 (never for SmolLM2's K = 576 and 1536 at 2, 3, 4 or 8 bits).
+the model. Weights count as the compiled model stores them (`stored_bytes`): each row's
+codes in whole int32 words, ceil(bits·K/32), plus scales and zero points; a weight with
+outlier channels counts both parts and an int64 index of K (the reorder pass's gather, at
+most one per layer: an upper bound).
 """
 
 from __future__ import annotations
@@ -114,11 +118,14 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
                               f"{least} bytes ({least / 1e6:.3f} MB: every allocated tensor at its smallest candidate, "
                               f"{fixed} bytes of float tensors left as they are)", least) from None
     layers: dict[tuple[str, str], dict] = {}
+    options: dict[tuple[str, str], dict] = {}
     for tensor, choice in solution.items():
         path, _, what = tensor.rpartition(":")
         op = "attention" if what == "kv" else "linear"
         layers.setdefault((path, op), {})[what] = choice.fmt
-    rules = tuple(Rule(path, op=op, **fmts) for (path, op), fmts in layers.items())
+        if choice.outliers:
+            options[(path, op)] = {"outliers": choice.outliers}
+    rules = tuple(Rule(path, op=op, **fmts, options=options.get((path, op), {})) for (path, op), fmts in layers.items())
     shown = f"{value:g}" if kind == "bits" else str(budget).replace(" ", "")
     notes = {"allocation": {
         "budget": {"bits": value} if kind == "bits" else {"bytes": int(value)},
@@ -131,8 +138,8 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
         "measured": {"tokens": getattr(measured, "tokens", None), "seconds": round(getattr(measured, "seconds", 0.0), 3)},
         "tensors": {
             tensor: {
-                "chosen": _text(solution[tensor].fmt),
-                "candidates": [{"format": _text(c.fmt), "bits": c.bits, "bytes": c.bytes, "error": c.error}
+                "chosen": _text(solution[tensor]),
+                "candidates": [{"format": _text(c), "bits": c.bits, "bytes": c.bytes, "error": c.error}
                                for c in row],
             }
             for tensor, row in measured.items()
@@ -158,8 +165,11 @@ def _unallocated_bytes(model: Any, measured: dict) -> int:
     return total
 
 
-def _text(fmt: Any) -> str:
-    return "float" if fmt is None else str(fmt)
+def _text(choice: Any) -> str:
+    """A choice's candidate as text: "float", "int4<asym,g128>", "int3<asym,g128>+16"."""
+    from .sensitivity import Candidate
+
+    return str(Candidate(choice.fmt, choice.outliers))
 
 
 def allocation_lines(allocation: dict) -> list[str]:

@@ -43,13 +43,19 @@ def collect(graph: Graph, batches: Iterable[Sequence[torch.Tensor]], **kw: Any) 
     return _collect(graph, batches, executor=kw.pop("executor", executor), **kw)
 
 
-def text_batches(tokenizer: Any, *, n: int = 8, seq_len: int = 512, text: str | None = None) -> list[torch.Tensor]:
-    """`n` windows of `seq_len` tokens of real text, from the end of the default text."""
+def text_batches(tokenizer: Any, *, n: int = 8, seq_len: int = 512, text: str | None = None,
+                 skip: int = 0) -> list[torch.Tensor]:
+    """`n` windows of `seq_len` tokens of real text, from the end of the default text, the
+    last `skip` tokens left out: `text_batches(tok, n=4, seq_len=128, skip=8 * 512)` is text
+    held out from the default calibration windows (8 × 512, the last 4096 tokens)."""
     from .eval import default_text
 
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise ValueError(f"skip must be a count of tokens >= 0, got {skip!r}")
     ids = tokenizer.encode(text if text is not None else default_text(), add_special_tokens=False)
     need = n * seq_len
-    if len(ids) < need:
-        raise ValueError(f"calibration text has {len(ids)} tokens, but {n} windows of {seq_len} need {need}")
-    tail = torch.tensor(ids[-need:], dtype=torch.long).reshape(n, seq_len)
+    if len(ids) < need + skip:
+        raise ValueError(f"calibration text has {len(ids)} tokens, but {n} windows of {seq_len} need {need}"
+                         + (f" after the last {skip} are left out" if skip else ""))
+    tail = torch.tensor(ids[len(ids) - skip - need:len(ids) - skip], dtype=torch.long).reshape(n, seq_len)
     return list(tail)

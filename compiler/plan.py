@@ -307,12 +307,13 @@ class Plan:
                  + (f", passes off: {', '.join(off)}" if off else "")]
         if layers is None:
             for r in (*self.rules, replace(self.default, match="* (default)")):
-                lines.append(f"  {r.match:<32} {r.op:<9} weight {_s(r.weight):<34} act {_s(r.act):<18} kv {_s(r.kv)}")
+                lines.append(f"  {r.match:<32} {r.op:<9} weight {_s(r.weight):<34} act {_s(r.act):<18} kv {_s(r.kv)}"
+                             + _options(r))
         else:
             lines.append(f"  {'layer':<40} {'rule':<20} {'weight':<34} {'act':<18} kv")
             for path, op in layers:
                 r = self.rule_for(path, op)
-                lines.append(f"  {path:<40} {r.match:<20} {_s(r.weight):<34} {_s(r.act):<18} {_s(r.kv)}")
+                lines.append(f"  {path:<40} {r.match:<20} {_s(r.weight):<34} {_s(r.act):<18} {_s(r.kv)}" + _options(r))
         if "allocation" in self.notes:
             from .autoplan import allocation_lines
 
@@ -372,6 +373,11 @@ def _is_file(path: str | os.PathLike) -> bool:
 
 def _s(fmt: NumberFormat | None) -> str:
     return "float" if fmt is None else str(fmt)
+
+
+def _options(rule: Rule) -> str:
+    """A rule's options for `explain()`: "  outliers=16 smooth_alpha=0.8" ("" for none)."""
+    return "".join(f"{'  ' if i == 0 else ' '}{k}={v}" for i, (k, v) in enumerate(rule.options.items()))
 
 
 def _preset(name: str, weight: str | None, act: str | None = None, kv: str | None = None, **kw: Any) -> Plan:

@@ -18,15 +18,23 @@ quantized, on real calibration text:
   only approximately: the KL is measured exactly on `check` evenly spaced tensors and the
   Spearman rank correlation of the two is kept as `result.correlation`.
 
-Weights take each candidate as `quantizer` says: "rtn" rounds to nearest (`fmt.fake(W)`);
-"gptq" quantizes them as the quantize pass does with calibration data (clipping search, then
-GPTQ: `mxc.passes.quantize.quantize_weight`), on each layer's Hessian from float activations
-of `hessian_calibration` (default: the calibration batches) — the errors of the plan that
+Weights take each candidate as `quantizer` says (`Weights`): "rtn" rounds to nearest
+(`fmt.fake(W)`); "gptq" quantizes them as the quantize pass does with calibration data
+(clipping search, then GPTQ: `mxc.passes.quantize.quantize_weight`), on each layer's Hessian
+from float activations of `hessian_calibration` — the errors of the plan that
 `mxc.compile(..., calibration=...)` will build, at the price of a GPTQ run per (layer,
 format). (The compile pass is sequential: its later layers see the earlier layers quantized;
-here every layer sees float inputs.) Activations and KV take the format's dynamic (per
-token) scales, as the quantize pass emits them. A float candidate (None or "float") costs
-nothing: error 0.
+here every layer sees float inputs.) A weight candidate "fmt+k" (`Candidate`) keeps the k
+input channels of largest calibrated abs-max in int8 and the rest in fmt, as the reorder and
+quantize passes build `Rule(weight=fmt, options={"outliers": k})`. Activations and KV take
+the format's dynamic (per token) scales, as the quantize pass emits them. A float candidate
+(None or "float") costs nothing: error 0.
+
+The text scored and the text the statistics come from: given a tokenizer, `WINDOWS` windows
+held out from the compile's calibration windows are scored, and Hessians and abs-max come
+from the compile's windows — what `mxc.compile(model, plan, calibration=tokenizer)` uses.
+GPTQ fits each layer to its calibration inputs; scoring it on that same text would
+understate its error, at 2 and 3 bits most.
 
 Cost: the model is captured once; its float graph runs once over the calibration batches
 for the reference log-probabilities, then once more, node by node, and at each quantizable
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -47,11 +56,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibrate import Calibration
-from .ir import Graph, Node, NumberFormat
+from .calibrate import Calibration, text_batches
+from .ir import Graph, Node, NumberFormat, parse_format
 from .passes.allocate import Choice
 from .passes.clip import output_error
-from .passes.quantize import format_bytes, layer_path, quantize_weight
+from .passes.quantize import DEFAULT_OUTLIER_FORMAT, _split_quantize, layer_path, quantize_weight, stored_bytes
+from .passes.reorder import permutation
 from .plan import _fmt
 from .runtime import ReferenceExecutor
 
@@ -65,6 +75,52 @@ BATCH_TOKENS = 2048
 SCORE_ROWS = 256
 #: Tensors on which objective "proxy" measures the KL too, to report its rank correlation.
 PROXY_CHECK = 16
+#: The text a tokenizer gives: `WINDOWS` (count, tokens) windows scored, held out from the
+#: compile's calibration windows (`CALIBRATION_WINDOWS`, the last 8 × 512 tokens of the text:
+#: `mxc.compile(..., calibration=tokenizer)` cuts those), which give the Hessians and abs-max
+#: statistics: GPTQ fits a layer to its calibration inputs, and scored on the same text its
+#: error would look smaller than on any other (most so at 2 and 3 bits).
+WINDOWS = (2, 128)
+CALIBRATION_WINDOWS = (8, 512)
+#: The weight format of outlier channels: the quantize pass's default `outlier_format`.
+OUTLIER_FORMAT = parse_format(DEFAULT_OUTLIER_FORMAT["weight"])
+#: Bytes a candidate with outlier channels is charged beyond its two parts: the int64 gather
+#: index [K] the reorder pass keeps when a norm or the layer's input cannot absorb the
+#: permutation (an upper bound: linears reading one activation share one index, and a
+#: permutation folded into a producing linear's rows needs none).
+INDEX_BYTES = 8
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A candidate for one tensor: a number format (None keeps float) and, for weights,
+    `outliers` k > 0: the k input channels of largest calibrated abs-max kept in
+    `OUTLIER_FORMAT`, the other K - k in `fmt` (what `Rule(weight=fmt, options={"outliers":
+    k})` compiles to). Text: "int3<asym,g128>", "int3<asym,g128>+16", "float"."""
+
+    fmt: NumberFormat | None
+    outliers: int = 0
+
+    def __post_init__(self) -> None:
+        k = self.outliers
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"candidate {self.fmt}: outliers must be a count of input channels >= 0, got {k!r}")
+        if k and self.fmt is None:
+            raise ValueError(f"candidate float+{k}: outlier channels need a format for the other channels")
+
+    def __str__(self) -> str:
+        text = "float" if self.fmt is None else str(self.fmt)
+        return f"{text}+{self.outliers}" if self.outliers else text
+
+    @staticmethod
+    def parse(value: Any, where: str = "candidate") -> "Candidate":
+        """A candidate from itself, a format, None, or text ("int4<asym,g128>+16": 16 outlier
+        channels)."""
+        if isinstance(value, Candidate):
+            return value
+        if isinstance(value, str) and (m := re.fullmatch(r"\s*(.*?)\s*\+\s*(\d+)\s*", value)):
+            return Candidate(_fmt(m[1], where), int(m[2]))
+        return Candidate(_fmt(value, where))
 
 
 @dataclass(frozen=True)
@@ -102,14 +158,15 @@ class Sensitivity(dict):
             "objective": self.objective, "quantizer": self.quantizer, "tokens": self.tokens, "seconds": self.seconds,
             "correlation": self.correlation, "checked": list(self.checked),
             "tensors": {t: [{"format": None if c.fmt is None else str(c.fmt), "bytes": c.bytes, "bits": c.bits,
-                             "numel": c.numel, "error": c.error} for c in row] for t, row in self.items()},
+                             "numel": c.numel, "error": c.error, **({"outliers": c.outliers} if c.outliers else {})}
+                            for c in row] for t, row in self.items()},
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Sensitivity":
         """The inverse of `to_dict` (e.g. a measurement saved as JSON, reused for other budgets)."""
         choices = {t: [Choice(t, _fmt(c["format"], f"measured format of {t}"), int(c["bytes"]), float(c["bits"]),
-                              int(c["numel"]), float(c["error"])) for c in row]
+                              int(c["numel"]), float(c["error"]), int(c.get("outliers", 0))) for c in row]
                    for t, row in data["tensors"].items()}
         return cls(choices, objective=data["objective"], tokens=int(data["tokens"]), seconds=float(data["seconds"]),
                    correlation=data.get("correlation"), checked=tuple(data.get("checked", ())),
@@ -126,7 +183,7 @@ class Sensitivity(dict):
 
 def measure(
     model: Any,
-    candidates: "dict[str, list[NumberFormat | str | None]] | Sequence[NumberFormat | str | None]",
+    candidates: "dict[str, list[Candidate | NumberFormat | str | None]] | Sequence[Candidate | NumberFormat | str | None]",
     calibration: Any,
     *,
     objective: str = "kl",
@@ -137,67 +194,76 @@ def measure(
     quantizer: str = "rtn",
     hessian_calibration: Any = None,
 ) -> Sensitivity:
-    """Each tensor's `Choice`s: one per candidate format, with its measured `error` (see the
-    module docstring). `model`: a torch module, captured here as `mxc.compile` does.
+    """Each tensor's `Choice`s: one per candidate, with its measured `error` (see the module
+    docstring). `model`: a torch module, captured here as `mxc.compile` does.
 
-    `candidates`: a list of formats (or their text; None / "float" keeps float) for every
-    tensor, or a dict whose keys are a kind ("weight", "act", "kv") or a glob over tensor
-    names ("*.mlp.down_proj:weight"); the first matching key wins, and a tensor no key
-    matches is not measured. `calibration`: a tokenizer (windows of real text, as
-    `mxc.compile` cuts them) or a list of token-id tensors. `tensors`: the kinds measured.
-    `check`: for objective "proxy", how many tensors also get the measured KL. `quantizer`:
-    "rtn" or "gptq" (weights; see the module docstring), with Hessians from
-    `hessian_calibration` (same kinds as `calibration`; default: `calibration`)."""
+    `candidates`: a list of candidates for every tensor — formats, their text, None / "float"
+    (keep float), or "fmt+k" (`Candidate`: k outlier input channels in int8, weights only) —
+    or a dict whose keys are a kind ("weight", "act", "kv") or a glob over tensor names
+    ("*.mlp.down_proj:weight"); the first matching key wins, and a tensor no key matches is
+    not measured. `calibration`: a tokenizer or a list of token-id tensors, the text scored.
+    A tokenizer gives `WINDOWS` windows held out from the compile's calibration windows,
+    which give the statistics (below). `tensors`: the kinds measured. `check`: for objective
+    "proxy", how many tensors also get the measured KL. `quantizer`: "rtn" or "gptq"
+    (weights; see the module docstring). `hessian_calibration`: the compile's calibration
+    data (same kinds as `calibration`), whose Hessians GPTQ uses and whose abs-max ranks
+    outlier channels, as in the compile; default: the compile's windows of a tokenizer, else
+    `calibration` itself (then GPTQ is scored on the text it was fitted to)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown sensitivity objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     if quantizer not in QUANTIZERS:
         raise ValueError(f"unknown weight quantizer {quantizer!r}; expected one of {', '.join(QUANTIZERS)}")
-    if hessian_calibration is not None and quantizer != "gptq":
-        raise ValueError("hessian_calibration is for quantizer='gptq' (round to nearest needs no Hessians)")
     bad = [k for k in tensors if k not in KINDS]
     if bad:
         raise ValueError(f"unknown tensor kind(s) {bad}; expected some of {', '.join(KINDS)}")
     if objective == "proxy" and set(tensors) != {"weight"}:
         raise ValueError("the proxy objective (Hessian-weighted output error) covers weights only: tensors=('weight',)")
     start = time.perf_counter()
-    graph, batches, ids, more = _prepare(model, calibration, example_inputs, hessian_calibration)
+    graph, batches, ids, stats_batches = _prepare(model, calibration, example_inputs, hessian_calibration)
     plan = {t: formats_for(candidates, t) for t in targets(graph, tensors)}
-    plan = {t: fmts for t, fmts in plan.items() if fmts}
+    plan = {t: cands for t, cands in plan.items() if cands}
+    outliers = any(c.outliers for cands in plan.values() for c in cands)
+    if hessian_calibration is not None and quantizer != "gptq" and not outliers:
+        raise ValueError("hessian_calibration is for quantizer='gptq' or candidates with outlier channels "
+                         "(round to nearest needs no statistics)")
     tokens = sum(int(x.numel()) for x in ids)
-    weights = Gptq(graph, more if more is not None else batches) if quantizer == "gptq" else None
+
+    def weights() -> Weights:
+        return Weights(graph, stats_batches, quantizer)
+
+    quantized = weights()
     try:
         if objective == "proxy":
-            errors = proxy_errors(graph, batches, plan, progress=progress, weights=weights)
+            errors = proxy_errors(graph, batches, plan, progress=progress, weights=quantized)
             picked = _evenly(list(plan), check)
-            if weights is not None:  # the checks run the layers again from the first
-                weights.close()
-                weights = Gptq(graph, more if more is not None else batches)
-            measured = Suffixes(graph, batches, ids, "kl", weights).errors({t: plan[t] for t in picked},
-                                                                           progress=progress)
-            pairs = [(errors[t][i], measured[t][i]) for t in picked for i, f in enumerate(plan[t]) if f is not None]
+            quantized.close()  # the checks run the layers again from the first
+            quantized = weights()
+            measured = Suffixes(graph, batches, ids, "kl", quantized).errors({t: plan[t] for t in picked},
+                                                                             progress=progress)
+            pairs = [(errors[t][i], measured[t][i]) for t in picked for i, c in enumerate(plan[t]) if c.fmt is not None]
             corr = spearman([p for p, _ in pairs], [m for _, m in pairs]) if len(pairs) > 1 else float("nan")
             return Sensitivity(_choices(graph, plan, errors), objective=objective, tokens=tokens,
                                seconds=time.perf_counter() - start, correlation=corr,
                                checked=tuple(t.tensor for t in picked), quantizer=quantizer)
-        errors = Suffixes(graph, batches, ids, objective, weights).errors(plan, progress=progress)
+        errors = Suffixes(graph, batches, ids, objective, quantized).errors(plan, progress=progress)
     finally:
-        if weights is not None:
-            weights.close()
+        quantized.close()
     return Sensitivity(_choices(graph, plan, errors), objective=objective, tokens=tokens,
                        seconds=time.perf_counter() - start, quantizer=quantizer)
 
 
 def prepare(model: Any, calibration: Any, example_inputs: Any = None) -> tuple[Graph, list[list[torch.Tensor]], list[torch.Tensor]]:
-    """The canonical float graph of `model` (captured as `mxc.compile` does), the calibration
-    batches as graph inputs (sequences of one shape stacked up to `BATCH_TOKENS`), and each
-    batch's token ids."""
+    """The canonical float graph of `model` (captured as `mxc.compile` does), the scored
+    calibration batches as graph inputs (sequences of one shape stacked up to
+    `BATCH_TOKENS`; a tokenizer's held-out `WINDOWS`), and each batch's token ids."""
     graph, batches, ids, _ = _prepare(model, calibration, example_inputs)
     return graph, batches, ids
 
 
-def _prepare(model: Any, calibration: Any, example_inputs: Any = None, more: Any = None):
-    """`prepare`'s graph, batches and ids, and the graph inputs of `more` calibration data
-    (stacked like the batches; None when `more` is None)."""
+def _prepare(model: Any, calibration: Any, example_inputs: Any = None, stats: Any = None):
+    """`prepare`'s graph, batches and ids, and the graph inputs of the calibration data that
+    statistics (Hessians, abs-max) come from: `stats`, else for a tokenizer the compile's
+    windows (the scored ones are then held out from them), else the scored batches."""
     from .driver import calibration_inputs
     from .frontends.torch_export import capture
     from .passes import run_pipeline
@@ -206,12 +272,17 @@ def _prepare(model: Any, calibration: Any, example_inputs: Any = None, more: Any
         raise ValueError("sensitivity is measured on calibration text: pass calibration=tokenizer or token-id batches")
     if isinstance(model, Graph):
         raise TypeError("measure needs the model (its call signature binds the calibration batches), not a graph")
+    if not isinstance(calibration, (list, tuple)):  # a tokenizer: scored text held out from the compile's
+        n, seq_len = CALIBRATION_WINDOWS
+        if stats is None:
+            stats = text_batches(calibration, n=n, seq_len=seq_len)
+        calibration = text_batches(calibration, n=WINDOWS[0], seq_len=WINDOWS[1], skip=n * seq_len)
     captured = capture(model, example_inputs)
     graph = run_pipeline(captured.graph, ["canonicalize"]).graph
     inputs = calibration_inputs(calibration, captured.call_spec)
     where = captured.call_spec.inputs.index("input_ids") if "input_ids" in captured.call_spec.inputs else 0
     batches = _stack(inputs, where)
-    extra = None if more is None else _stack(calibration_inputs(more, captured.call_spec), where)
+    extra = batches if stats is None else _stack(calibration_inputs(stats, captured.call_spec), where)
     return graph, batches, [b[where] for b in batches], extra
 
 
@@ -247,8 +318,8 @@ def targets(graph: Graph, kinds: Sequence[str] = ("weight",)) -> list[Target]:
     return out
 
 
-def formats_for(candidates: Any, target: Target) -> list[NumberFormat | None]:
-    """The candidate formats of `target` (see `measure`), parsed; [] when none applies."""
+def formats_for(candidates: Any, target: Target) -> list[Candidate]:
+    """The candidates of `target` (see `measure`), parsed and checked; [] when none applies."""
     if isinstance(candidates, dict):
         for key, fmts in candidates.items():
             if key == target.kind or fnmatch.fnmatchcase(target.tensor, key):
@@ -257,8 +328,9 @@ def formats_for(candidates: Any, target: Target) -> list[NumberFormat | None]:
             return []
     else:
         fmts = candidates
-    out = [_fmt(f, f"candidate for {target.tensor}") for f in fmts]
-    for f in out:
+    out = [Candidate.parse(f, f"candidate for {target.tensor}") for f in fmts]
+    for c in out:
+        f = c.fmt
         if f is None:
             continue
         if target.kind == "weight" and f.scaling.kind == "token":
@@ -268,20 +340,37 @@ def formats_for(candidates: Any, target: Target) -> list[NumberFormat | None]:
                 f"{target.tensor}: candidate {f} scales per {f.scaling.kind}; sensitivity measures activations and KV "
                 "with dynamic scales (per token or per block)"
             )
+        if c.outliers and target.kind != "weight":
+            raise ValueError(f"{target.tensor}: candidate {c} keeps outlier channels, which sensitivity measures for "
+                             "weights only")
+        if c.outliers >= target.k:
+            raise ValueError(f"{target.tensor}: candidate {c} keeps {c.outliers} outlier channels of K={target.k}; "
+                             "at least one channel stays in the low-bit format")
     return out
 
 
-def _choices(graph: Graph, plan: dict[Target, list], errors: dict[Target, list[float]]) -> dict[str, list[Choice]]:
+def _choices(graph: Graph, plan: dict[Target, list[Candidate]], errors: dict[Target, list[float]]) -> dict[str, list[Choice]]:
     out = {}
-    for t, fmts in plan.items():
+    for t, cands in plan.items():
         row = []
-        for f, err in zip(fmts, errors[t]):
-            if t.kind == "weight":
-                size = 4 * t.numel if f is None else format_bytes(f, t.shape)
-            else:
+        for c, err in zip(cands, errors[t]):
+            f, k = c.fmt, c.outliers
+            if t.kind != "weight":
                 size = 0
-            bits = 32.0 if f is None else float(f.effective_bits(t.k))
-            row.append(Choice(t.tensor, f, size, bits, t.numel, float(err)))
+            elif f is None:
+                size = 4 * t.numel
+            elif k:
+                n = t.shape[0]
+                size = stored_bytes(f, (n, t.k - k)) + stored_bytes(OUTLIER_FORMAT, (n, k)) + INDEX_BYTES * t.k
+            else:
+                size = stored_bytes(f, t.shape)
+            if f is None:
+                bits = 32.0
+            elif k:
+                bits = (f.effective_bits(t.k - k) * (t.k - k) + OUTLIER_FORMAT.effective_bits(k) * k) / t.k
+            else:
+                bits = float(f.effective_bits(t.k))
+            row.append(Choice(t.tensor, f, size, float(bits), t.numel, float(err), k))
         out[t.tensor] = row
     return out
 
@@ -292,12 +381,12 @@ class Suffixes:
     only the rest of the graph per candidate format (module docstring)."""
 
     def __init__(self, graph: Graph, batches: list[list[torch.Tensor]], ids: list[torch.Tensor], objective: str,
-                 weights: "Gptq | None" = None):
+                 weights: "Weights | None" = None):
         if objective not in ("kl", "ce"):
             raise ValueError(f"measured objectives are 'kl' and 'ce', got {objective!r}")
         self.graph, self.batches, self.ids, self.objective = graph, batches, ids, objective
-        #: how a weight takes a format: GPTQ (`Gptq`), else rounded to nearest
-        self.quantized = weights if weights is not None else _rounded
+        #: how a weight takes a candidate (default: rounded to nearest, statistics from `batches`)
+        self.quantized = weights if weights is not None else Weights(graph, batches, "rtn")
         self.executor = ReferenceExecutor(graph, check_shapes=False)
         self.weights = self.executor.weights
         self.reference = [self._logits(self.executor(b)) for b in batches]
@@ -365,33 +454,37 @@ class Suffixes:
             total += float((self.cached[batch][rows] - q).sum())
         return total
 
-    def replacement(self, target: Target, fmt: NumberFormat) -> "Replace":
-        """The observer that runs `target`'s node with the tensor in `fmt`."""
+    def replacement(self, target: Target, candidate: "Candidate | NumberFormat") -> "Replace":
+        """The observer that runs `target`'s node with the tensor as `candidate` has it."""
+        c = Candidate.parse(candidate)
         node = self.graph.nodes[target.index]
         if target.kind == "weight":
             w = self.weights[node.inputs[1].node.get("name")]
-            return Replace(node, {1: self.quantized(target, fmt, w).to(w.dtype)}, None)
-        return Replace(node, {}, (fmt, target.operands))
+            return Replace(node, {1: self.quantized(target, c, w).to(w.dtype)}, None)
+        if c.outliers:
+            raise ValueError(f"{target.tensor}: outlier channels are measured for weights only, got {c}")
+        return Replace(node, {}, (c.fmt, target.operands))
 
-    def errors(self, plan: dict[Target, list[NumberFormat | None]], *, progress: bool = True) -> dict[Target, list[float]]:
-        """`{target: [error per format]}`: the objective increase per token of each (target,
-        format) alone; None (float) is 0 without running anything."""
+    def errors(self, plan: dict[Target, list[Candidate]], *, progress: bool = True) -> dict[Target, list[float]]:
+        """`{target: [error per candidate]}`: the objective increase per token of each (target,
+        candidate) alone; float is 0 without running anything."""
+        plan = {t: [Candidate.parse(c) for c in cands] for t, cands in plan.items()}
         order = sorted(plan, key=lambda t: t.index)
         runs = [self.executor.start(b) for b in self.batches]
         end = len(self.graph.nodes)
         out: dict[Target, list[float]] = {}
-        total = sum(1 for t in order for f in plan[t] if f is not None)
+        total = sum(1 for t in order for c in plan[t] if c.fmt is not None)
         bar = tqdm(total=total, desc=f"sensitivity ({self.objective})", unit="run", disable=not progress or None)
         try:
             for t in order:
                 for run in runs:
                     run.advance(t.index)
                 row = []
-                for fmt in plan[t]:
-                    if fmt is None:
+                for c in plan[t]:
+                    if c.fmt is None:
                         row.append(0.0)
                         continue
-                    observer = self.replacement(t, fmt)
+                    observer = self.replacement(t, c)
                     summed = 0.0
                     for i, run in enumerate(runs):
                         alt = run.fork()
@@ -425,50 +518,85 @@ class Replace:
         return out
 
 
-def _rounded(target: Target, fmt: NumberFormat, w: torch.Tensor) -> torch.Tensor:
-    """`w` rounded to nearest in `fmt` (dequantized)."""
-    return fmt.fake(w.float())
+class Weights:
+    """Candidate weights as `mxc.compile` builds them: `method` "rtn" rounds to nearest (a
+    plan compiled without calibration data: no clipping search); "gptq" runs the clipping
+    search, then GPTQ on the layer's Hessian (`quantize_weight`). A candidate with outlier
+    channels takes the k channels of largest abs-max of the layer's input, puts them last
+    (`mxc.passes.reorder.permutation`) and splits the weight as the quantize pass does
+    (`_split_quantize`: with GPTQ the outlier part compensates the low-bit part's error).
+    Hessians and abs-max come from `batches`, the compile's calibration data, computed lazily
+    (none for plain round to nearest); targets must be asked for in graph order (one layer's
+    statistics held).
 
+    One approximation remains for outlier candidates: a layer reading the same activation as
+    another that takes more outlier channels (q, k and v; gate and up) sees its columns in
+    that layer's order after the reorder pass, which moves some columns across group
+    boundaries; measured, each layer has its own order."""
 
-class Gptq:
-    """Weights quantized as the quantize pass does with calibration data: `quantize_weight`
-    (clipping search, then GPTQ) on each layer's Hessian from float activations of
-    `batches`, computed lazily; targets must be asked for in graph order (one Hessian held)."""
-
-    def __init__(self, graph: Graph, batches: list[list[torch.Tensor]]):
-        self.graph, self.calibration = graph, Calibration(graph, batches, percentiles=())
+    def __init__(self, graph: Graph, batches: list[list[torch.Tensor]], method: str = "rtn"):
+        if method not in QUANTIZERS:
+            raise ValueError(f"unknown weight quantizer {method!r}; expected one of {', '.join(QUANTIZERS)}")
+        self.graph, self.batches, self.method = graph, batches, method
+        self.calibration: Any = None
         self.path: str | None = None
-        self.hessian: torch.Tensor | None = None
+        self.stats: dict = {}
 
-    def __call__(self, target: Target, fmt: NumberFormat, w: torch.Tensor) -> torch.Tensor:
+    def _stats(self, target: Target) -> dict:
         node = self.graph.nodes[target.index]
         path = layer_path(node, node.inputs[1].node)
         if path != self.path:
-            self.path, self.hessian = path, self.calibration.stats(path)["hessian"]
-        return quantize_weight(w.float(), fmt, method="gptq", clip_search=True, hessian=self.hessian)[1]
+            if self.calibration is None:
+                self.calibration = Calibration(self.graph, self.batches, percentiles=())
+            self.path, self.stats = path, self.calibration.stats(path, hessian=self.method == "gptq")
+        return self.stats
+
+    def __call__(self, target: Target, candidate: "Candidate | NumberFormat", w: torch.Tensor) -> torch.Tensor:
+        """`w` ([N, K]) as `candidate` has it, dequantized (float32)."""
+        c = Candidate.parse(candidate)
+        w = w.float()
+        if self.method == "rtn" and not c.outliers:
+            return c.fmt.fake(w)
+        stats = self._stats(target)
+        h = stats.get("hessian") if self.method == "gptq" else None
+        clip = self.method == "gptq"
+        if not c.outliers:
+            return quantize_weight(w, c.fmt, method=self.method, clip_search=clip, hessian=h)[1]
+        k, kdim = c.outliers, w.shape[1]
+        perm = permutation(stats["amax"], k)
+        hp = None if h is None else h[perm][:, perm]
+        parts = _split_quantize(w[:, perm], kdim - k, (c.fmt, OUTLIER_FORMAT), {"method": self.method, "clip_search": clip},
+                                hp, None)
+        out = torch.empty_like(w)
+        out[:, perm] = torch.cat([parts[0][1], parts[1][1]], dim=1)
+        return out
 
     def close(self) -> None:
-        self.calibration.close()
+        if self.calibration is not None:
+            self.calibration.close()
 
 
-def proxy_errors(graph: Graph, batches: list[list[torch.Tensor]], plan: dict[Target, list[NumberFormat | None]],
-                 *, progress: bool = True, weights: Gptq | None = None) -> dict[Target, list[float]]:
-    """`{target: [output_error(W, Q(W), H)² per format]}` for weight targets, H from one
-    calibration pass over `batches` (layer by layer: one Hessian held at a time); Q rounds
-    to nearest, or is `weights` (GPTQ)."""
-    quantized = weights if weights is not None else _rounded
+def proxy_errors(graph: Graph, batches: list[list[torch.Tensor]], plan: dict[Target, list[Candidate]],
+                 *, progress: bool = True, weights: Weights | None = None) -> dict[Target, list[float]]:
+    """`{target: [output_error(W, Q(W), H)² per candidate]}` for weight targets, H from one
+    calibration pass over `batches` (layer by layer: one Hessian held at a time); Q is
+    `weights` (default: rounded to nearest, abs-max from `batches`)."""
+    quantized = weights if weights is not None else Weights(graph, batches, "rtn")
     cal = Calibration(graph, batches, percentiles=())
-    weights = graph.used_weights()
+    tensors = graph.used_weights()
     out = {}
     try:
         for t in tqdm(sorted(plan, key=lambda t: t.index), desc="sensitivity (proxy)", unit="layer",
                       disable=not progress or None):
             node = graph.nodes[t.index]
             h = cal.stats(layer_path(node, node.inputs[1].node))["hessian"]
-            w = weights[node.inputs[1].node.get("name")].float()
-            out[t] = [0.0 if f is None else output_error(w, quantized(t, f, w), h) ** 2 for f in plan[t]]
+            w = tensors[node.inputs[1].node.get("name")].float()
+            out[t] = [0.0 if c.fmt is None else output_error(w, quantized(t, c, w), h) ** 2
+                      for c in map(Candidate.parse, plan[t])]
     finally:
         cal.close()
+        if weights is None:
+            quantized.close()
     return out
 
 

@@ -44,6 +44,9 @@ class Choice:
     per element, scales included (`fmt.effective_bits(k)`; float: 32). `numel`: elements of
     a weight (for average-bits budgets); 0 for act and kv. `error`: the measured increase of
     the objective (KL of the logits, nats/token) when only this tensor takes `fmt`.
+    `outliers`: for a weight, k > 0 keeps its k input channels of largest calibrated abs-max
+    in the outlier format (int8 per channel: the reorder pass moves them last and the
+    quantize pass splits the weight), the other K - k in `fmt`; `bytes` and `bits` count both.
     """
 
     tensor: str
@@ -52,6 +55,7 @@ class Choice:
     bits: float
     numel: int
     error: float
+    outliers: int = 0
 
 
 class BudgetError(ValueError):

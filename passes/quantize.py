@@ -118,6 +118,21 @@ def format_bytes(fmt: NumberFormat, shape: tuple[int, ...]) -> int:
     return total
 
 
+def stored_bytes(fmt: NumberFormat, shape: tuple[int, ...]) -> int:
+    """Bytes the compiled model stores for a weight of `shape` ([N, K]) in `fmt`: the layout
+    pass packs each row's codes into ceil(bits·K/32) int32 words (more than `format_bytes`'
+    ceil(bits·N·K/8) when a row's bits do not fill its last word), plus the scales and zero
+    points at their `format_bytes` size."""
+    from ..ir.packing import packed_words
+
+    *rows, k = shape
+    n = 1
+    for d in rows:
+        n *= d
+    nominal = -(-fmt.bits * n * k // 8)
+    return format_bytes(fmt, shape) - nominal + 4 * n * packed_words(k, fmt.bits)
+
+
 def quantize_weight(
     w: torch.Tensor,
     fmt: NumberFormat,

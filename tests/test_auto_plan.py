@@ -12,7 +12,7 @@ import torch
 import mxc
 from mxc import autoplan, sensitivity
 from mxc.passes.allocate import BudgetError, Choice, solve, total_error
-from mxc.passes.quantize import format_bytes
+from mxc.passes.quantize import stored_bytes
 
 CANDIDATES = autoplan.DEFAULT_CANDIDATES["weight"]
 
@@ -37,7 +37,7 @@ def fake_measure(monkeypatch):
             name = f"{path}:weight"
             fmts = [mxc.ir.parse_format(f) for f in candidates["weight"]]
             scale = float(torch.rand((), generator=gen)) + 0.01
-            out[name] = [Choice(name, f, format_bytes(f, (n, k)), f.effective_bits(k), n * k,
+            out[name] = [Choice(name, f, stored_bytes(f, (n, k)), f.effective_bits(k), n * k,
                                 scale * 2.0 ** -f.effective_bits(k) * float(torch.rand((), generator=gen) + 0.5))
                          for f in fmts]
         return sensitivity.Sensitivity(out, objective=objective, tokens=48, seconds=0.5)
@@ -125,14 +125,10 @@ def test_compile_auto_bytes_budget(tiny_llama, fake_measure):
     compiled = mxc.compile(tiny_llama, f"auto:{budget}B", calibration=cal)
     notes = compiled.plan.notes["allocation"]
     assert notes["bytes"] <= budget and notes["budget"] == {"bytes": budget}
-    # the report counts codes as the layout pass stores them, N·ceil(bits·K/32) int32 words;
-    # the allocation counts ceil(bits·N·K/8) bytes (`format_bytes`): they differ by the row padding
-    padding = 0
-    for path, w in linear_weights(tiny_llama).items():
-        (n, k), bits = w.shape, compiled.plan.rule_for(path).weight.bits
-        padding += 4 * n * -(-bits * k // 32) - -(-bits * n * k // 8)
-    # buffers the graph does not keep (Llama's original_inv_freq) count in the allocation's float bytes
-    unused = notes["bytes"] + padding - compiled.report().weight_bytes
+    # the allocation counts codes as the layout pass stores them (N·ceil(bits·K/32) int32
+    # words, `stored_bytes`), as the report does; buffers the graph does not keep (Llama's
+    # original_inv_freq) count in the allocation's float bytes
+    unused = notes["bytes"] - compiled.report().weight_bytes
     assert 0 <= unused <= sum(b.numel() * b.element_size() for b in tiny_llama.buffers())
     assert notes["predicted_error"] < cheapest.notes["allocation"]["predicted_error"]
 
@@ -206,3 +202,40 @@ def test_a_saved_measurement_allocates_other_budgets_without_measuring(tiny_llam
     assert len(fake_measure) == calls + 2  # only the two comparison plans measured
     with pytest.raises(ValueError, match="either a measured sensitivity or candidates"):
         mxc.Plan.auto(tiny_llama, 3.0, calibration=cal, measured=again)
+
+
+def test_outlier_candidates_become_rules_that_compile_within_the_budget(tiny_llama_factory):
+    """Candidates "fmt+k" (k input channels kept int8): the chosen ones become rules with the
+    option `outliers`, the plan prints them and round-trips through JSON, and the compiled
+    model meets the bits budget and the byte total the allocation predicted (the allocation
+    charges each outlier layer a gather index it may not need: at most that much over)."""
+    model = tiny_llama_factory(seed=int(torch.randint(0, 2**31 - 1, ())))
+    cal = batches(n=2, seq=32)
+    candidates = {"lm_head:weight": [], "weight": ["int2<asym,g32>", "int2<asym,g32>+6", "int4<asym,g32>",
+                                                   "int4<asym,g32>+6"]}
+    measured = sensitivity.measure(model, candidates, cal, progress=False)
+    assert all([c.outliers for c in row] == [0, 6, 0, 6] for row in measured.values())
+    budget = 3.4
+    plan = mxc.Plan.auto(model, budget, measured=measured)
+    rules = {r.match: r for r in plan.rules}
+    notes = plan.notes["allocation"]["tensors"]
+    with_outliers = [p for p, r in rules.items() if r.options.get("outliers")]
+    assert with_outliers and len(with_outliers) < len(rules)  # a mix, at this budget
+    for path, rule in rules.items():
+        k = rule.options.get("outliers", 0)
+        assert notes[f"{path}:weight"]["chosen"] == (f"{rule.weight}+{k}" if k else str(rule.weight))
+    text = plan.explain()
+    assert all(f"{p} " in line and line.endswith("  outliers=6") for p in with_outliers
+               for line in text.splitlines() if line.strip().startswith(p + " "))
+    assert "int4<asym,g32>+6" in text and mxc.Plan.from_json(plan.to_json()) == plan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = mxc.compile(model, plan, calibration=cal)
+    report = compiled.report()
+    assert report.avg_bits <= budget
+    assert report.avg_bits == pytest.approx(plan.notes["allocation"]["average_bits"], abs=1e-9)
+    assert {p for p, r in report.layers.items() if r.get("outliers")} == set(with_outliers)
+    index_bound = sensitivity.INDEX_BYTES * sum(model.get_submodule(p).weight.shape[1] for p in with_outliers)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # kept by the model, not the graph
+    over = plan.notes["allocation"]["bytes"] - report.weight_bytes
+    assert 0 <= over <= index_bound + buffers

@@ -3,6 +3,7 @@ KL (or cross-entropy increase) that compiling the whole model with only that ten
 quantized gives, the cached-suffix recomputation equals a full one, and the proxy's rank
 correlation is Spearman's."""
 
+import json
 import math
 import warnings
 
@@ -14,7 +15,7 @@ import mxc
 from mxc import sensitivity
 from mxc.ir import parse_format
 from mxc.passes.allocate import Choice
-from mxc.passes.quantize import format_bytes
+from mxc.passes.quantize import format_bytes, stored_bytes
 
 FORMATS = ["int2<asym,g32>", "int3<asym,g32>", "int4<asym,g32>", "int8<sym,channel>"]
 
@@ -51,7 +52,7 @@ def test_choices_cover_every_linear_weight_with_sizes(setup):
         assert all(isinstance(c, Choice) and c.tensor == tensor and c.numel == w.numel() for c in row)
         assert row[0] == Choice(tensor, None, 4 * w.numel(), 32.0, w.numel(), 0.0)  # float: error 0, no run
         for c in row[1:]:
-            assert c.bytes == format_bytes(c.fmt, tuple(w.shape))
+            assert c.bytes == stored_bytes(c.fmt, tuple(w.shape)) >= format_bytes(c.fmt, tuple(w.shape))
             assert c.bits == c.fmt.effective_bits(w.shape[1])
     assert result.objective == "kl" and result.tokens == 3 * 24 and result.correlation is None
 
@@ -202,3 +203,88 @@ def test_kl_score_survives_logit_differences_past_float32_exp_range(setup):
                           log_target=True))
     score = suffixes.score(0, [got])
     assert math.isfinite(score) and score == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_outlier_candidates_equal_brute_force_compilation(setup, quantizer):
+    """"fmt+k": the k input channels of largest calibrated abs-max stay int8, the rest take
+    fmt — the error of compiling the model with only that layer's rule
+    `Rule(weight=fmt, options={"outliers": k})` (reorder + quantize passes), under round to
+    nearest and under GPTQ (the outlier part compensating the low-bit part)."""
+    model, batches, rtn = setup
+    ids = torch.stack(batches)
+    ref = F.log_softmax(_logits(model, None, ids), -1)
+    cases = [("model.layers.1.mlp.down_proj", "int2<asym,g32>", 7), ("model.layers.0.self_attn.q_proj", "int3<asym,g32>", 5)]
+    for path, fmt, k in cases:
+        got = sensitivity.measure(model, {f"{path}:weight": [fmt, f"{fmt}+{k}"]}, batches, quantizer=quantizer,
+                                  progress=False)
+        plain, mixed = got[f"{path}:weight"]
+        assert (plain.outliers, mixed.outliers) == (0, k) and mixed.fmt == plain.fmt == parse_format(fmt)
+        plan = mxc.Plan(rules=(mxc.Rule(path, weight=fmt, options={"outliers": k}),), default=mxc.Rule(),
+                        method=quantizer, clip_search=quantizer == "gptq")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = mxc.compile(model, plan, calibration=batches)
+        q = F.log_softmax(compiled(ids).logits.double(), -1)
+        kl = float(F.kl_div(q, ref, reduction="sum", log_target=True)) / ids.numel()
+        assert mixed.error == pytest.approx(kl, rel=1e-4, abs=1e-8), (path, quantizer)
+        assert 0 < mixed.error < plain.error  # int8 outlier channels help
+        layer = compiled.report().layers[path]
+        assert layer["outliers"] == k and mixed.bits == pytest.approx(layer["bits"], abs=1e-12)
+        kdim = model.get_submodule(path).weight.shape[1]
+        assert mixed.bytes == layer["bytes"] + sensitivity.INDEX_BYTES * kdim  # and at most one gather index
+        total = mixed.bits * mixed.numel
+        assert total == pytest.approx(round(total), rel=1e-9)  # whole bits, as the solver needs
+
+
+def test_candidates_parse_print_and_refuse_what_cannot_be(setup):
+    model, batches, _ = setup
+    c = sensitivity.Candidate.parse("int3<asym,g32> + 4")
+    assert c == sensitivity.Candidate(parse_format("int3<asym,g32>"), 4) and str(c) == "int3<asym,g32>+4"
+    assert sensitivity.Candidate.parse(str(c)) == c
+    assert sensitivity.Candidate.parse(None) == sensitivity.Candidate(None) and str(sensitivity.Candidate(None)) == "float"
+    assert sensitivity.Candidate.parse("int4<sym,g32>") == sensitivity.Candidate(parse_format("int4<sym,g32>"))
+    with pytest.raises(ValueError, match="outlier channels need a format"):
+        sensitivity.Candidate.parse("float+3")
+    with pytest.raises(ValueError, match="at least one channel stays"):
+        sensitivity.measure(model, {"model.layers.0.self_attn.q_proj:weight": ["int4<sym,g32>+72"]}, batches,
+                            progress=False)
+    with pytest.raises(ValueError, match="weights only"):
+        sensitivity.measure(model, {"act": ["int8<sym,token>+4"]}, batches, tensors=("act",), progress=False)
+    with pytest.raises(ValueError, match="outliers must be a count"):
+        sensitivity.Candidate(parse_format("int4<sym,g32>"), -1)
+
+
+def test_saved_measurement_keeps_outlier_candidates(setup):
+    model, batches, _ = setup
+    path = "model.layers.1.mlp.up_proj:weight"
+    got = sensitivity.measure(model, {path: ["int4<asym,g32>", "int4<asym,g32>+3"]}, batches, progress=False)
+    again = sensitivity.Sensitivity.from_dict(json.loads(json.dumps(got.to_dict())))
+    assert again == got and [c.outliers for c in again[path]] == [0, 3]
+
+
+class _WordTokenizer:
+    """Token ids of a text's words (hashed into the tiny Llama's vocabulary)."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [sum(map(ord, w)) % 131 for w in text.split()]
+
+
+def test_a_tokenizer_scores_text_held_out_from_the_compiles_calibration(tiny_llama):
+    """Given a tokenizer, the scored windows are `WINDOWS` windows just before the compile's
+    calibration windows (the last 8 × 512 tokens), never overlapping them."""
+    from mxc.calibrate import text_batches
+
+    tok = _WordTokenizer()
+    graph, inputs, ids = sensitivity.prepare(tiny_llama, tok)
+    n, seq = sensitivity.WINDOWS
+    cal_n, cal_seq = sensitivity.CALIBRATION_WINDOWS
+    assert torch.equal(torch.cat(ids), torch.stack(text_batches(tok, n=n, seq_len=seq, skip=cal_n * cal_seq)))
+    everything = tok.encode(mxc.eval.default_text())
+    end = len(everything) - cal_n * cal_seq
+    assert torch.cat(ids).reshape(-1).tolist() == everything[end - n * seq:end]
+    assert torch.stack(text_batches(tok, n=cal_n, seq_len=cal_seq)).reshape(-1).tolist() == everything[end:]
+    with pytest.raises(ValueError, match="skip must be a count"):
+        text_batches(tok, n=1, seq_len=8, skip=-1)
+    with pytest.raises(ValueError, match=f"after the last {len(everything)} are left out"):
+        text_batches(tok, n=1, seq_len=8, skip=len(everything))

@@ -1,6 +1,6 @@
 """Kernel benchmark: mxc's generated GEMM kernels against torch's fp16 matmul, on a CUDA GPU.
 
-    python benchmarks/kernels.py [--m 1 16 128 4096] [--nk 4096 8192] [--no-write]
+    python benchmarks/kernel_bench.py [--m 1 16 128 4096] [--nk 4096 8192] [--no-write]
 
 For each kernel family (W4A16 g128, W8A16 per channel: the weight-only dequant GEMM; W8A8
 int8 and fp8 per token x per channel: the qgemm family) at M in {1, 16, 128, 4096} and
@@ -116,7 +116,7 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA device here; nothing measured (the kernel benchmark needs a GPU)")
+        print("benchmarks/kernel_bench.py: no CUDA device here; nothing measured (the kernel benchmark needs a GPU)")
         return 2
     import triton
     from triton.testing import do_bench
@@ -143,7 +143,7 @@ def main() -> int:
     lines = [
         f"## Kernels: mxc GEMMs against torch fp16 matmul ({datetime.date.today()})", "",
         f"{device}, torch {torch.__version__}, triton {triton.__version__}, {platform.machine()}. Command: "
-        f"`python benchmarks/kernels.py`. Median of `triton.testing.do_bench`; bandwidth: fewest bytes moved over time, "
+        f"`python benchmarks/kernel_bench.py`. Median of `triton.testing.do_bench`; bandwidth: fewest bytes moved over time, "
         f"against a measured device-to-device copy of {bandwidth / 1e9:.0f} GB/s.", "",
         "| kernel | M | N=K | time us | fp16 us | speedup | GB/s | of copy | rel err |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows, "", "Goals (issue 5, H100):", "",
