@@ -19,8 +19,8 @@ allocated weights (Σ bits·numel / Σ numel, scales included); text with a byte
 allocated weights plus every tensor left in float (embeddings, norms, lm_head) at its size in
 the model. Weights count as the compiled model stores them (`stored_bytes`): each row's
 codes in whole int32 words, ceil(bits·K/32), plus scales and zero points; a weight with
-outlier channels counts both parts and an int64 index of K (the reorder pass's gather, at
-most one per layer: an upper bound).
+outlier channels counts both parts and the int64 gather index [K] the reorder pass keeps
+for its group (q, k, v share one; down_proj needs none: `mxc.sensitivity.INDEX_BYTES`).
 """
 
 from __future__ import annotations
@@ -107,11 +107,19 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
     if not measured:
         raise ValueError(f"no tensor of the model matches the candidates {candidates!r}")
     fixed = _unallocated_bytes(model, measured)
+    stored = getattr(measured, "stored_bytes", total_bytes)  # gather indices counted once per group
     if kind == "bits":
         solution = solve(measured, budget_bits=value)
     else:
+        limit = int(value) - fixed
         try:
-            solution = solve(measured, budget_bytes=int(value) - fixed)
+            solution = solve(measured, budget_bytes=limit)
+            # choices are charged shares of gather indices, exact when a whole group takes
+            # outlier channels: where a part of one does, the index costs more than its shares
+            # and the allocation runs again with that much less
+            while (over := stored(solution) - (int(value) - fixed)) > 0:
+                limit -= over
+                solution = solve(measured, budget_bytes=limit)
         except BudgetError as e:
             least = e.least + fixed
             raise BudgetError(f"budget of {int(value)} model bytes is infeasible: the smallest feasible budget is "
@@ -134,7 +142,7 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
         "quantizer": getattr(measured, "quantizer", quantizer),
         "predicted_error": total_error(solution),
         "average_bits": average_bits(solution),
-        "bytes": total_bytes(solution) + fixed,  # the model's weight bytes
+        "bytes": stored(solution) + fixed,  # the model's weight bytes
         "measured": {"tokens": getattr(measured, "tokens", None), "seconds": round(getattr(measured, "seconds", 0.0), 3)},
         "tensors": {
             tensor: {

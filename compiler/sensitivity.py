@@ -61,7 +61,7 @@ from .ir import Graph, Node, NumberFormat, parse_format
 from .passes.allocate import Choice
 from .passes.clip import output_error
 from .passes.quantize import DEFAULT_OUTLIER_FORMAT, _split_quantize, layer_path, quantize_weight, stored_bytes
-from .passes.reorder import permutation
+from .passes.reorder import gather_indices, permutation
 from .plan import _fmt
 from .runtime import ReferenceExecutor
 
@@ -84,10 +84,13 @@ WINDOWS = (2, 128)
 CALIBRATION_WINDOWS = (8, 512)
 #: The weight format of outlier channels: the quantize pass's default `outlier_format`.
 OUTLIER_FORMAT = parse_format(DEFAULT_OUTLIER_FORMAT["weight"])
-#: Bytes a candidate with outlier channels is charged beyond its two parts: the int64 gather
-#: index [K] the reorder pass keeps when a norm or the layer's input cannot absorb the
-#: permutation (an upper bound: linears reading one activation share one index, and a
-#: permutation folded into a producing linear's rows needs none).
+#: Bytes per input channel of the int64 gather index [K] the reorder pass keeps for outlier
+#: channels behind a norm or on a layer's input (`mxc.passes.reorder.gather_indices`): one
+#: per group of linears reading one activation (q, k, v), however many take outliers; none
+#: when the permutation folds into a producing linear's rows (down_proj). A candidate with
+#: outlier channels is charged its share (the index over the group's measured members,
+#: rounded up), exact when the whole group takes outliers; `Sensitivity.stored_bytes` counts
+#: a solution's indices exactly.
 INDEX_BYTES = 8
 
 
@@ -147,16 +150,32 @@ class Sensitivity(dict):
     `correlation` (Spearman, proxy against measured KL over `checked` tensors)."""
 
     def __init__(self, choices: dict[str, list[Choice]], *, objective: str, tokens: int, seconds: float,
-                 correlation: float | None = None, checked: tuple[str, ...] = (), quantizer: str = "rtn"):
+                 correlation: float | None = None, checked: tuple[str, ...] = (), quantizer: str = "rtn",
+                 indices: dict[str, dict] | None = None):
         super().__init__(choices)
         self.objective, self.tokens, self.seconds = objective, tokens, seconds
         self.correlation, self.checked, self.quantizer = correlation, checked, quantizer
+        #: weights whose outlier candidates need a gather index: {tensor: {"group": the
+        #: index's group, "bytes": the index's bytes, "share": what each choice is charged}}
+        self.indices = dict(indices or {})
+
+    def stored_bytes(self, solution: dict[str, Choice]) -> int:
+        """The bytes a solution's weights take compiled: its choices' bytes with each gather
+        index counted once per group that has a weight with outlier channels, not as shares."""
+        total, groups = 0, {}
+        for tensor, c in solution.items():
+            total += c.bytes
+            index = self.indices.get(tensor)
+            if c.outliers and index is not None:
+                total -= index["share"]
+                groups[index["group"]] = index["bytes"]
+        return total + sum(groups.values())
 
     def to_dict(self) -> dict:
         """JSON-ready: what was measured and every choice (formats as text, float as null)."""
         return {
             "objective": self.objective, "quantizer": self.quantizer, "tokens": self.tokens, "seconds": self.seconds,
-            "correlation": self.correlation, "checked": list(self.checked),
+            "correlation": self.correlation, "checked": list(self.checked), "indices": self.indices,
             "tensors": {t: [{"format": None if c.fmt is None else str(c.fmt), "bytes": c.bytes, "bits": c.bits,
                              "numel": c.numel, "error": c.error, **({"outliers": c.outliers} if c.outliers else {})}
                             for c in row] for t, row in self.items()},
@@ -170,7 +189,7 @@ class Sensitivity(dict):
                    for t, row in data["tensors"].items()}
         return cls(choices, objective=data["objective"], tokens=int(data["tokens"]), seconds=float(data["seconds"]),
                    correlation=data.get("correlation"), checked=tuple(data.get("checked", ())),
-                   quantizer=data.get("quantizer", "rtn"))
+                   quantizer=data.get("quantizer", "rtn"), indices=data.get("indices"))
 
     def describe(self) -> str:
         """One line: what was measured, on how much text, in how long."""
@@ -227,6 +246,7 @@ def measure(
         raise ValueError("hessian_calibration is for quantizer='gptq' or candidates with outlier channels "
                          "(round to nearest needs no statistics)")
     tokens = sum(int(x.numel()) for x in ids)
+    indices = _indices(graph, plan)
 
     def weights() -> Weights:
         return Weights(graph, stats_batches, quantizer)
@@ -242,14 +262,14 @@ def measure(
                                                                              progress=progress)
             pairs = [(errors[t][i], measured[t][i]) for t in picked for i, c in enumerate(plan[t]) if c.fmt is not None]
             corr = spearman([p for p, _ in pairs], [m for _, m in pairs]) if len(pairs) > 1 else float("nan")
-            return Sensitivity(_choices(graph, plan, errors), objective=objective, tokens=tokens,
+            return Sensitivity(_choices(plan, errors, indices), objective=objective, tokens=tokens,
                                seconds=time.perf_counter() - start, correlation=corr,
-                               checked=tuple(t.tensor for t in picked), quantizer=quantizer)
+                               checked=tuple(t.tensor for t in picked), quantizer=quantizer, indices=indices)
         errors = Suffixes(graph, batches, ids, objective, quantized).errors(plan, progress=progress)
     finally:
         quantized.close()
-    return Sensitivity(_choices(graph, plan, errors), objective=objective, tokens=tokens,
-                       seconds=time.perf_counter() - start, quantizer=quantizer)
+    return Sensitivity(_choices(plan, errors, indices), objective=objective, tokens=tokens,
+                       seconds=time.perf_counter() - start, quantizer=quantizer, indices=indices)
 
 
 def prepare(model: Any, calibration: Any, example_inputs: Any = None) -> tuple[Graph, list[list[torch.Tensor]], list[torch.Tensor]]:
@@ -349,7 +369,23 @@ def formats_for(candidates: Any, target: Target) -> list[Candidate]:
     return out
 
 
-def _choices(graph: Graph, plan: dict[Target, list[Candidate]], errors: dict[Target, list[float]]) -> dict[str, list[Choice]]:
+def _indices(graph: Graph, plan: dict[Target, list[Candidate]]) -> dict[str, dict]:
+    """`Sensitivity.indices` of the weights with outlier candidates (see `INDEX_BYTES`)."""
+    groups = gather_indices(graph)
+    members: dict[str, list[Target]] = {}
+    for t, cands in plan.items():
+        path = t.tensor.rpartition(":")[0]
+        if t.kind == "weight" and any(c.outliers for c in cands) and path in groups:
+            members.setdefault(groups[path], []).append(t)
+    out = {}
+    for group, ts in members.items():
+        size = INDEX_BYTES * ts[0].k
+        out.update({t.tensor: {"group": group, "bytes": size, "share": -(-size // len(ts))} for t in ts})
+    return out
+
+
+def _choices(plan: dict[Target, list[Candidate]], errors: dict[Target, list[float]],
+             indices: dict[str, dict]) -> dict[str, list[Choice]]:
     out = {}
     for t, cands in plan.items():
         row = []
@@ -361,7 +397,8 @@ def _choices(graph: Graph, plan: dict[Target, list[Candidate]], errors: dict[Tar
                 size = 4 * t.numel
             elif k:
                 n = t.shape[0]
-                size = stored_bytes(f, (n, t.k - k)) + stored_bytes(OUTLIER_FORMAT, (n, k)) + INDEX_BYTES * t.k
+                size = stored_bytes(f, (n, t.k - k)) + stored_bytes(OUTLIER_FORMAT, (n, k))
+                size += indices[t.tensor]["share"] if t.tensor in indices else 0
             else:
                 size = stored_bytes(f, t.shape)
             if f is None:

@@ -230,12 +230,7 @@ def reorder(
         a = torch.stack([_check_amax(paths[n], _amax_of(amax, paths[n]), k_in) for n in chosen]).amax(0)
         kmax = max(counts[paths[n]] for n in chosen)
         perm = permutation(a, kmax)
-        why = _readers_problem(x, readers, uses) or (f"weight of {describe(next(iter(tied)))} is tied" if tied else None)
-        fold = _absorb(x, None, uses) if why is None else why
-        if isinstance(fold, str):  # a gather on the chosen linears' input
-            via, consts, norms, members, why = "gather", [], [], chosen, fold
-        else:
-            (consts, norms), members, via, why = fold, readers, _via(x.node), None
+        via, consts, norms, members, why = _fold(x, readers, chosen, tied, uses)
         index = _index_name(f"{paths[chosen[0]]}.reorder_index", weights)
         if norms or via == "gather":  # the gathers' index; rows of producers need none
             weights[index] = perm.clone()
@@ -283,6 +278,42 @@ def reorder(
     out = graph.rewrite(apply, origins) if norm_gathers or input_gathers else graph
     out = out.replace(weights=weights)
     out.meta["reordered"] = {**graph.meta.get("reordered", {}), **record}
+    return out
+
+
+def _fold(x: Value, readers: list[Node], chosen: list[Node], tied: set[Node], uses: Uses):
+    """How the permutation of the activation `x` (read by the linears `readers`, of which
+    `chosen` take outlier channels) is paid: (via, consts whose axis 0 is permuted, norms
+    whose input is gathered, the linears whose columns are permuted, why a gather)."""
+    why = _readers_problem(x, readers, uses) or (f"weight of {describe(next(iter(tied)))} is tied" if tied else None)
+    fold = _absorb(x, None, uses) if why is None else why
+    if isinstance(fold, str):  # a gather on the chosen linears' input
+        return "gather", [], [], chosen, fold
+    (consts, norms), via = fold, _via(x.node)
+    return via, consts, norms, readers, None
+
+
+def gather_indices(graph: Graph) -> dict[str, str]:
+    """`{path: group}` for every linear whose outlier channels (any count) make the reorder
+    pass keep a gather index, an int64 const [K]: the linears of one group read one
+    activation and share one index, however many of them take outlier channels (q, k and v
+    behind their norm). A linear whose permutation folds into the rows of the linears that
+    produce its input (down_proj behind gate · up) needs none and is absent; so is a tied
+    weight, which the pass skips."""
+    uses = Uses(graph)
+    by_value: dict[Value, list[Node]] = {}
+    for n in _linears(graph):
+        by_value.setdefault(n.inputs[0], []).append(n)
+    out = {}
+    for x, readers in by_value.items():
+        tied = {n for n in readers if not uses.private(n.inputs[1].node)}
+        chosen = [n for n in readers if n not in tied]
+        if not chosen:
+            continue
+        via, _, norms, members, _ = _fold(x, readers, chosen, tied, uses)
+        if norms or via == "gather":
+            paths = [layer_path(n, n.inputs[1].node) for n in chosen]
+            out.update({p: paths[0] for p in paths})
     return out
 
 

@@ -30,7 +30,7 @@ from mxc.passes.canonicalize import canonicalize
 from mxc.passes.manager import PASSES, run_pipeline
 from mxc.ir.packing import packed_words
 from mxc.passes.quantize import format_bytes, layer_path, quantize
-from mxc.passes.reorder import outlier_count, reorder
+from mxc.passes.reorder import gather_indices, outlier_count, reorder
 from mxc.runtime import ReferenceExecutor
 from golden_files import check_golden, golden_before
 from graph_helpers import fresh, golden_inputs, input_amax, linears, outlier_norm_llama, seeded
@@ -289,6 +289,24 @@ def test_tiny_llama_shared_producers_share_one_permutation(llama, reordered_llam
     assert meta["model.layers.1.mlp.gate_proj"]["channels"] == meta["model.layers.1.mlp.up_proj"]["channels"]
     # one gather per group: 3 norms feeding layers + o_proj's, per layer, and the final norm
     assert sum(n.op == "gather" for n in reordered_llama.nodes) == 2 * 3 + 1
+
+
+def test_gather_indices_name_each_index_the_pass_keeps(llama, reordered_llama):
+    """`gather_indices`: the linears whose outlier channels cost a gather index, by the index
+    they share — what the pass does when every linear takes outliers (the reordered Llama),
+    and, a group at a time, when only one member does."""
+    graph, _, amax = llama
+    groups = gather_indices(graph)
+    meta = reordered_llama.meta["reordered"]
+    assert set(groups) == {p for p, r in meta.items() if r["via"] in ("norm", "gather")}  # not down_proj
+    assert len(set(groups.values())) == sum(n.op == "gather" for n in reordered_llama.nodes) == 7
+    indices = {k for k in reordered_llama.weights if k.endswith(".reorder_index")}
+    assert indices == {f"{g}.reorder_index" for g in groups.values()}
+    for path in ("model.layers.1.self_attn.k_proj", "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"):
+        alone = reorder(graph, outliers={path: 3}, amax=amax)
+        kept = [k for k in alone.weights if k.endswith(".reorder_index")]
+        assert len(kept) == (1 if path in groups else 0), path
+        assert all(groups[p] == groups.get(path) for p, r in alone.meta["reordered"].items() if r["via"] == "norm")
 
 
 def test_registered_pass_and_pipeline(llama, reordered_llama):
