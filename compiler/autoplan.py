@@ -30,11 +30,15 @@ from typing import Any
 
 #: The candidates of `Plan.auto` when none are given: weight formats from 2 to 8 bits for
 #: every linear but lm_head, which stays float as in the presets (it dominates the error of
-#: small models); activations and the KV cache stay float. Keys as `mxc.sensitivity.measure`
-#: reads them: a tensor kind or a glob over tensor names, the first match wins ([]: not allocated).
+#: small models), 3 and 4 bits also with the layer's 16 input channels of largest activation
+#: kept in int8 ("+16"; on SmolLM2 the allocation picks these for most layers between 3.25
+#: and 4.5 bits: benchmarks/RESULTS.md); activations and the KV cache stay float. Keys as
+#: `mxc.sensitivity.measure` reads them: a tensor kind or a glob over tensor names, the first
+#: match wins ([]: not allocated).
 DEFAULT_CANDIDATES: dict[str, list[str]] = {
     "lm_head:weight": [],
-    "weight": ["int2<asym,g64>", "int3<asym,g128>", "int4<asym,g128>", "int4<asym,g32>", "int8<sym,channel>"],
+    "weight": ["int2<asym,g64>", "int3<asym,g128>", "int3<asym,g128>+16", "int4<asym,g128>", "int4<asym,g128>+16",
+               "int4<asym,g32>", "int8<sym,channel>"],
 }
 KINDS = ("weight", "act", "kv")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

@@ -384,30 +384,34 @@ def _indices(graph: Graph, plan: dict[Target, list[Candidate]]) -> dict[str, dic
     return out
 
 
+def candidate_size(candidate: "Candidate | NumberFormat | str | None", shape: tuple[int, ...]) -> tuple[int, float]:
+    """(bytes, bits per element) of a weight of `shape` ([N, K]) as `candidate` compiles:
+    bytes as the compiled model stores them (`stored_bytes`; float: 4 per element), both
+    parts of a candidate with outlier channels (its gather index not included); bits
+    include scales (`effective_bits`; float: 32)."""
+    c = Candidate.parse(candidate)
+    n, kdim = shape
+    f, k = c.fmt, c.outliers
+    if f is None:
+        return 4 * n * kdim, 32.0
+    if not k:
+        return stored_bytes(f, (n, kdim)), float(f.effective_bits(kdim))
+    size = stored_bytes(f, (n, kdim - k)) + stored_bytes(OUTLIER_FORMAT, (n, k))
+    return size, float((f.effective_bits(kdim - k) * (kdim - k) + OUTLIER_FORMAT.effective_bits(k) * k) / kdim)
+
+
 def _choices(plan: dict[Target, list[Candidate]], errors: dict[Target, list[float]],
              indices: dict[str, dict]) -> dict[str, list[Choice]]:
     out = {}
     for t, cands in plan.items():
         row = []
         for c, err in zip(cands, errors[t]):
-            f, k = c.fmt, c.outliers
-            if t.kind != "weight":
-                size = 0
-            elif f is None:
-                size = 4 * t.numel
-            elif k:
-                n = t.shape[0]
-                size = stored_bytes(f, (n, t.k - k)) + stored_bytes(OUTLIER_FORMAT, (n, k))
-                size += indices[t.tensor]["share"] if t.tensor in indices else 0
+            if t.kind == "weight":
+                size, bits = candidate_size(c, t.shape)
+                size += indices[t.tensor]["share"] if c.outliers and t.tensor in indices else 0
             else:
-                size = stored_bytes(f, t.shape)
-            if f is None:
-                bits = 32.0
-            elif k:
-                bits = (f.effective_bits(t.k - k) * (t.k - k) + OUTLIER_FORMAT.effective_bits(k) * k) / t.k
-            else:
-                bits = float(f.effective_bits(t.k))
-            row.append(Choice(t.tensor, f, size, float(bits), t.numel, float(err), k))
+                size, bits = 0, 32.0 if c.fmt is None else float(c.fmt.effective_bits(t.k))
+            row.append(Choice(t.tensor, c.fmt, size, bits, t.numel, float(err), c.outliers))
         out[t.tensor] = row
     return out
 

@@ -12,35 +12,41 @@ import torch
 import mxc
 from mxc import autoplan, sensitivity
 from mxc.passes.allocate import BudgetError, Choice, solve, total_error
-from mxc.passes.quantize import stored_bytes
 
 CANDIDATES = autoplan.DEFAULT_CANDIDATES["weight"]
 
 
+_GRAPHS: dict[int, object] = {}  # id(model) -> its canonical graph, captured once
+
+
 @pytest.fixture
 def fake_measure(monkeypatch):
-    """`sensitivity.measure` replaced: every linear but lm_head gets the default candidates,
-    with bytes and bits of the real formats and fresh random errors ~ 2^-bits; each call
-    is recorded."""
+    """`sensitivity.measure` with its measurement replaced: the real targets, candidates,
+    bytes, bits and gather-index shares (`sensitivity.targets`, `formats_for`, `_indices`,
+    `_choices`), and fresh random errors ~ 2^-bits in place of the KL; each call is recorded."""
+    from mxc.frontends.torch_export import capture
+    from mxc.passes import run_pipeline
+
     calls = []
     seed = int(torch.randint(0, 2**31 - 1, ()))
 
     def measure(model, candidates, calibration, *, objective="kl", tensors=("weight",), progress=True,
                 example_inputs=None, quantizer="rtn"):
         calls.append({"candidates": candidates, "calibration": calibration, "objective": objective, "tensors": tensors})
+        if id(model) not in _GRAPHS:
+            _GRAPHS[id(model)] = run_pipeline(capture(model).graph, ["canonicalize"]).graph
+        graph = _GRAPHS[id(model)]
+        plan = {t: sensitivity.formats_for(candidates, t) for t in sensitivity.targets(graph, tensors)}
+        plan = {t: cands for t, cands in plan.items() if cands}
         gen = torch.Generator().manual_seed(seed)
-        out = {}
-        for path, mod in model.named_modules():
-            if not isinstance(mod, torch.nn.Linear) or path == "lm_head":
-                continue
-            n, k = mod.weight.shape
-            name = f"{path}:weight"
-            fmts = [mxc.ir.parse_format(f) for f in candidates["weight"]]
+        errors = {}
+        for t, cands in plan.items():
             scale = float(torch.rand((), generator=gen)) + 0.01
-            out[name] = [Choice(name, f, stored_bytes(f, (n, k)), f.effective_bits(k), n * k,
-                                scale * 2.0 ** -f.effective_bits(k) * float(torch.rand((), generator=gen) + 0.5))
-                         for f in fmts]
-        return sensitivity.Sensitivity(out, objective=objective, tokens=48, seconds=0.5)
+            errors[t] = [scale * 2.0 ** -sensitivity.candidate_size(c, t.shape)[1] * float(torch.rand((), generator=gen) + 0.5)
+                         for c in cands]
+        indices = sensitivity._indices(graph, plan)
+        return sensitivity.Sensitivity(sensitivity._choices(plan, errors, indices), objective=objective, tokens=48,
+                                       seconds=0.5, indices=indices)
 
     monkeypatch.setattr(sensitivity, "measure", measure)
     return calls
@@ -54,10 +60,16 @@ def linear_weights(model):
     return {p: m.weight for p, m in model.named_modules() if isinstance(m, torch.nn.Linear) and p != "lm_head"}
 
 
+def chosen(plan, path):
+    """The candidate a plan's rule gives layer `path`: its weight format and outlier count."""
+    rule = plan.rule_for(path)
+    return sensitivity.Candidate(rule.weight, rule.options.get("outliers", 0))
+
+
 def plan_average_bits(plan, model):
     """Σ bits·numel / Σ numel over the allocated linears, read off the plan's rules."""
     weights = linear_weights(model)
-    total = sum(plan.rule_for(p).weight.effective_bits(w.shape[1]) * w.numel() for p, w in weights.items())
+    total = sum(sensitivity.candidate_size(chosen(plan, p), tuple(w.shape))[1] * w.numel() for p, w in weights.items())
     return total / sum(w.numel() for w in weights.values())
 
 
@@ -76,7 +88,8 @@ def test_auto_plan_meets_the_bits_budget_at_the_solvers_optimum(tiny_llama, fake
     # the chosen formats are the solver's optimum for the measured errors
     measured = sensitivity.measure(tiny_llama, autoplan.DEFAULT_CANDIDATES, cal)
     best = solve(measured, budget_bits=budget)
-    assert {p: str(plan.rule_for(p).weight) for p in weights} == {t[:-7]: str(c.fmt) for t, c in best.items()}
+    assert {p: chosen(plan, p) for p in weights} == {t[:-7]: sensitivity.Candidate(c.fmt, c.outliers)
+                                                     for t, c in best.items()}
     assert notes["predicted_error"] == pytest.approx(total_error(best), rel=1e-12)
 
 
@@ -99,7 +112,7 @@ def test_auto_plan_prints_and_round_trips_through_json(tiny_llama, fake_measure,
     for tensor, row in plan.notes["allocation"]["tensors"].items():
         line = next(line for line in text.splitlines() if line.strip().startswith(tensor + " "))
         starred = [c["format"] for c in row["candidates"] if f"{c['error']:.3e}*" in line]
-        assert starred == [str(plan.rule_for(tensor[:-7]).weight)]
+        assert starred == [str(chosen(plan, tensor[:-7]))]
     assert all(f"{f:>18}" in text for f in CANDIDATES)
 
 
@@ -109,7 +122,8 @@ def test_compile_auto_preset_meets_its_budget(tiny_llama, fake_measure, tmp_path
     assert report.plan == "auto:3.5" and report.avg_bits <= 3.5
     plan = compiled.plan
     for path in linear_weights(tiny_llama):
-        assert report.layers[path]["format"] == str(plan.rule_for(path).weight)
+        c = chosen(plan, path)
+        assert report.layers[path]["format"] == (f"{c.fmt} + {c.outliers} int8<sym,channel>" if c.outliers else str(c.fmt))
     ids = torch.randint(0, 131, (1, 12))
     assert torch.isfinite(compiled(ids).logits).all()
     mxc.save(compiled, tmp_path / "artifact")
@@ -192,7 +206,7 @@ def test_a_saved_measurement_allocates_other_budgets_without_measuring(tiny_llam
     import json
 
     cal = batches()
-    measured = sensitivity.measure(tiny_llama, {"weight": CANDIDATES}, cal)
+    measured = sensitivity.measure(tiny_llama, autoplan.DEFAULT_CANDIDATES, cal)
     again = sensitivity.Sensitivity.from_dict(json.loads(json.dumps(measured.to_dict())))
     assert again == measured and (again.objective, again.tokens, again.seconds) == ("kl", 48, 0.5)
     calls = len(fake_measure)
