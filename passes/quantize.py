@@ -232,6 +232,7 @@ def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
     weights = dict(graph.weights)
     reordered = graph.meta.get("reordered", {})
     record: dict[str, dict] = {}
+    shared: dict[Node, tuple[Value, torch.Tensor]] = {}  # weight const -> its dequantize, for later readers
     readers: dict[Node, int] = {}  # a tied weight (lm_head = embedding) has several
     for n in graph.nodes:
         for v in n.inputs:
@@ -267,6 +268,10 @@ def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
             extra, inputs[0] = _quant_dequant(inputs[0], rule.act, node.loc, static)
             emitted += extra
         wq = None
+        if rule.weight is not None and wnode in shared:  # a second call of one module: one quantized weight
+            inputs[1], wq = shared[wnode]
+            emitted.append(node.replace(inputs=inputs))
+            return emitted
         if rule.weight is not None:
             fmt, w = rule.weight, graph.weights[wnode.get("name")]
             hessian = stats.get("hessian")
@@ -286,6 +291,7 @@ def quantize(graph: Graph, *, plan: PlanLike) -> Graph:
             dq = Node.create("dequantize", [c.out for c in consts], attrs, [wnode.types[0]], node.loc)
             emitted += [*consts, dq]
             inputs[1] = dq.out
+            shared[wnode] = (dq.out, wq)
             record[path] = {**_layer_record(fmt, w, wq, hessian), "weights": [c.get("name") for c in consts]}
         if rule.act is not None:
             record.setdefault(path, {})["act"] = str(rule.act)

@@ -340,6 +340,43 @@ def test_tied_lm_head_is_quantized_apart_from_the_embedding(monkeypatch):
     assert rep.weight_bytes > table.numel() * 4
 
 
+class _Twice(torch.nn.Module):
+    """One linear called twice: two `linear` nodes read one weight const."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(40, 40)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("plan", ["w4a16-g32", "w8a8"])
+def test_a_linear_called_twice_is_quantized_once(plan):
+    """Both calls read one set of quantized constants (one dequantize); the graph verifies
+    and computes the module with that quantized weight (activations quantized per call)."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    model = _Twice().eval()
+    x = torch.randn(2, 5, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no calibration: rounded to nearest, no smoothing
+        c = mxc.compile(model, plan, example_inputs=(x,), debug=True, backend="reference")
+    g = verify(c.graph)
+    consts = [n.get("name") for n in g.nodes if n.op == "const"]
+    assert len(consts) == len(set(consts))
+    rule = Plan.coerce(plan).default
+    w = rule.weight.fake(model.fc.weight.detach())
+
+    def act(t):
+        return t if rule.act is None else rule.act.fake(t)
+
+    with torch.no_grad():
+        want = torch.nn.functional.linear(act(torch.relu(torch.nn.functional.linear(act(x), w, model.fc.bias))), w,
+                                          model.fc.bias)
+    torch.testing.assert_close(c(x), want, rtol=1e-4, atol=1e-5)
+    assert list(c.report().layers) == ["fc"]
+
+
 def test_tied_model_with_a_float_lm_head(monkeypatch):
     model = tied_llama()
     ids = torch.randint(0, 131, (2, 9))
