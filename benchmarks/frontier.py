@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -226,6 +227,19 @@ def plot(rows: list[dict], float_ppl: float, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def command(args) -> str:
+    """The command line that measures these rows again: the options that differ from the
+    defaults, with the method and the sensitivity windows always named."""
+    words = [f"--method {args.method}", f"--sens-windows {args.sens_windows}", f"--sens-len {args.sens_len}"]
+    for flag, value, default in (("--budgets", args.budgets, BUDGETS), ("--uniform", args.uniform, list(UNIFORM)),
+                                 ("--candidates", args.candidates, CANDIDATES)):
+        if list(value) != list(default):
+            words.append(" ".join([flag, *map(shlex.quote, value)]))
+    if args.windows != 8:
+        words.append(f"--windows {args.windows}")
+    return " ".join(words)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", nargs="+", default=BUDGETS)
@@ -282,8 +296,7 @@ def main() -> None:
     lines = [
         f"## Frontier: automatic bit allocation on SmolLM2-135M, {args.method} ({when})",
         "",
-        f"{machine}, reference backend. Command: `python benchmarks/frontier.py --method {args.method} "
-        f"--sens-windows {args.sens_windows} --sens-len {args.sens_len}`. "
+        f"{machine}, reference backend. Command: `python benchmarks/frontier.py {command(args)}`. "
         f"{measured.describe()}, held out from the calibration windows (candidates: {', '.join(args.candidates)}; "
         "\"+16\": the layer's 16 input channels of largest activation abs-max in int8; lm_head float). Every plan "
         "compiled with "
