@@ -257,6 +257,10 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the tables only")
     args = ap.parse_args()
     args.plot = args.plot or HERE / f"frontier-{args.method}.png"
+    for budget in args.budgets:  # a uniform plan's name sizes the budget: that plan is measured first
+        if budget in UNIFORM and budget not in args.uniform:
+            ap.error(f"budget {budget!r} is the size of a uniform plan, which --uniform must then list "
+                     f"(got --uniform {' '.join(args.uniform)})")
 
     import torch
 
