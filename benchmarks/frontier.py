@@ -227,16 +227,14 @@ def plot(rows: list[dict], float_ppl: float, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def command(args) -> str:
+def command(args, ap: argparse.ArgumentParser) -> str:
     """The command line that measures these rows again: the options that differ from the
-    defaults, with the method and the sensitivity windows always named."""
+    parser's defaults, with the method and the sensitivity windows always named."""
     words = [f"--method {args.method}", f"--sens-windows {args.sens_windows}", f"--sens-len {args.sens_len}"]
-    for flag, value, default in (("--budgets", args.budgets, BUDGETS), ("--uniform", args.uniform, list(UNIFORM)),
-                                 ("--candidates", args.candidates, CANDIDATES)):
-        if list(value) != list(default):
-            words.append(" ".join([flag, *map(shlex.quote, value)]))
-    if args.windows != 8:
-        words.append(f"--windows {args.windows}")
+    for name in ("budgets", "uniform", "candidates", "windows"):
+        value = getattr(args, name)
+        if value != ap.get_default(name):
+            words.append(" ".join([f"--{name}", *map(shlex.quote, map(str, value if isinstance(value, list) else [value]))]))
     return " ".join(words)
 
 
@@ -300,7 +298,7 @@ def main() -> None:
     lines = [
         f"## Frontier: automatic bit allocation on SmolLM2-135M, {args.method} ({when})",
         "",
-        f"{machine}, reference backend. Command: `python benchmarks/frontier.py {command(args)}`. "
+        f"{machine}, reference backend. Command: `python benchmarks/frontier.py {command(args, ap)}`. "
         f"{measured.describe()}, held out from the calibration windows (candidates: {', '.join(args.candidates)}; "
         "\"+16\": the layer's 16 input channels of largest activation abs-max in int8; lm_head float). Every plan "
         "compiled with "

@@ -115,13 +115,13 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
     if kind == "bits":
         solution = solve(measured, budget_bits=value)
     else:
-        limit = int(value) - fixed
+        target = limit = int(value) - fixed
         try:
             solution = solve(measured, budget_bytes=limit)
             # choices are charged shares of gather indices, exact when a whole group takes
             # outlier channels: where a part of one does, the index costs more than its shares
             # and the allocation runs again with that much less
-            while (over := stored(solution) - (int(value) - fixed)) > 0:
+            while (over := stored(solution) - target) > 0:
                 limit -= over
                 solution = solve(measured, budget_bytes=limit)
         except BudgetError as e:

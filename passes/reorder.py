@@ -310,7 +310,7 @@ def gather_indices(graph: Graph) -> dict[str, str]:
         chosen = [n for n in readers if n not in tied]
         if not chosen:
             continue
-        via, _, norms, members, _ = _fold(x, readers, chosen, tied, uses)
+        via, _, norms, _, _ = _fold(x, readers, chosen, tied, uses)
         if norms or via == "gather":
             paths = [layer_path(n, n.inputs[1].node) for n in chosen]
             out.update({p: paths[0] for p in paths})
