@@ -7,7 +7,7 @@
     print(q.report())
 """
 
-from . import eval, models  # noqa: A004 - `mxc.eval` is the evaluation module
+from . import cost, eval, models  # noqa: A004 - `mxc.eval` is the evaluation module
 from .compiled import CompiledModel, Report
 from .driver import FLOAT_PIPELINE, compile  # noqa: A004
 from .frontends.torch_export import CaptureError

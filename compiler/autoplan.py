@@ -84,17 +84,27 @@ def measured_kinds(candidates: Any) -> tuple[str, ...]:
 
 
 def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any = None, objective: str = "kl",
-              *, progress: bool = True, example_inputs: Any = None, measured: Any = None, quantizer: str = "rtn"):
+              *, progress: bool = True, example_inputs: Any = None, measured: Any = None, quantizer: str = "rtn",
+              latency: Any = None, cost: Any = None):
     """The plan of least predicted error under `budget` (see the module docstring).
     `measured`: a `mxc.sensitivity.Sensitivity` measured before (e.g. once for several
     budgets); then nothing is measured and `candidates`, `calibration`, `objective` are unused.
     `quantizer`: how candidate weights are quantized while measuring ("rtn" or "gptq", see
-    `mxc.sensitivity`)."""
+    `mxc.sensitivity`). `latency`: a latency budget too (seconds, or "0.4ms"), on each
+    linear's time as `cost` predicts it (default `mxc.cost.BandwidthModel()`, an estimate);
+    `budget` may then be None (latency alone)."""
     from . import sensitivity
-    from .passes.allocate import BudgetError, average_bits, solve, total_bytes, total_error
+    from .cost import BandwidthModel, parse_latency
+    from .passes.allocate import BudgetError, average_bits, show_seconds, solve, total_bytes, total_error
     from .plan import Plan, Rule
 
-    kind, value = parse_budget(budget)
+    if budget is None and latency is None:
+        raise ValueError("an automatic plan needs a budget: average bits (3.5), model bytes (\"90MB\") or latency=")
+    kind, value = parse_budget(budget) if budget is not None else (None, None)
+    seconds = None if latency is None else parse_latency(latency)
+    if cost is not None and latency is None:
+        raise ValueError("auto_plan: a cost model prices a latency budget; pass latency= with cost=")
+    cost = BandwidthModel() if cost is None and latency is not None else cost
     if measured is not None:
         if candidates is not None or calibration is not None:
             raise ValueError("auto_plan: pass either a measured sensitivity or candidates and calibration to measure, "
@@ -112,19 +122,22 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
         raise ValueError(f"no tensor of the model matches the candidates {candidates!r}")
     fixed = _unallocated_bytes(model, measured)
     stored = getattr(measured, "stored_bytes", total_bytes)  # gather indices counted once per group
-    if kind == "bits":
-        solution = solve(measured, budget_bits=value)
+    choices = measured if cost is None else _priced(model, measured, cost)
+    if kind != "bytes":
+        solution = solve(choices, budget_bits=value, budget_seconds=seconds)
     else:
         target = limit = int(value) - fixed
         try:
-            solution = solve(measured, budget_bytes=limit)
+            solution = solve(choices, budget_bytes=limit, budget_seconds=seconds)
             # choices are charged shares of gather indices, exact when a whole group takes
             # outlier channels: where a part of one does, the index costs more than its shares
             # and the allocation runs again with that much less
             while (over := stored(solution) - target) > 0:
                 limit -= over
-                solution = solve(measured, budget_bytes=limit)
+                solution = solve(choices, budget_bytes=limit, budget_seconds=seconds)
         except BudgetError as e:
+            if str(e).startswith("latency"):
+                raise
             least = e.least + fixed
             raise BudgetError(f"budget of {int(value)} model bytes is infeasible: the smallest feasible budget is "
                               f"{least} bytes ({least / 1e6:.3f} MB: every allocated tensor at its smallest candidate, "
@@ -138,9 +151,11 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
         if choice.outliers:
             options[(path, op)] = {"outliers": choice.outliers}
     rules = tuple(Rule(path, op=op, **fmts, options=options.get((path, op), {})) for (path, op), fmts in layers.items())
-    shown = f"{value:g}" if kind == "bits" else str(budget).replace(" ", "")
+    shown = f"{value:g}" if kind == "bits" else str(budget).replace(" ", "") if kind else ""
+    if seconds is not None:
+        shown += f"{',' if shown else ''}latency={show_seconds(seconds).replace(' ', '')}"
     notes = {"allocation": {
-        "budget": {"bits": value} if kind == "bits" else {"bytes": int(value)},
+        "budget": {"bits": value} if kind == "bits" else {"bytes": int(value)} if kind else {},
         "float_bytes": fixed,  # the model's tensors left out of the allocation, at their size
         "objective": objective,
         "quantizer": getattr(measured, "quantizer", quantizer),
@@ -151,13 +166,35 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
         "tensors": {
             tensor: {
                 "chosen": _text(solution[tensor]),
-                "candidates": [{"format": _text(c), "bits": c.bits, "bytes": c.bytes, "error": c.error}
+                "candidates": [{"format": _text(c), "bits": c.bits, "bytes": c.bytes, "error": c.error,
+                                **({"seconds": c.seconds} if cost is not None else {})}
                                for c in row],
             }
-            for tensor, row in measured.items()
+            for tensor, row in choices.items()
         },
     }}
+    if cost is not None:
+        notes["allocation"]["latency"] = {"budget_seconds": seconds,
+                                          "predicted_seconds": sum(c.seconds for c in solution.values()),
+                                          "cost": cost.to_dict(), "cost_model": cost.describe()}
     return Plan(rules=rules, default=Rule(), name=f"auto:{shown}", notes=notes)
+
+
+def _priced(model: Any, measured: dict, cost: Any) -> dict:
+    """`measured`'s choices with `seconds` as `cost` predicts them for each weight's shape."""
+    import dataclasses
+
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"a latency budget needs the model's weight shapes: expected a torch module, "
+                        f"got {type(model).__name__}")
+    priced = {}
+    for tensor, row in measured.items():
+        path, _, what = tensor.rpartition(":")
+        shape = tuple(model.get_submodule(path).weight.shape) if what == "weight" else None
+        priced[tensor] = [dataclasses.replace(c, seconds=float(cost.seconds(c, shape))) for c in row]
+    return priced
 
 
 def _unallocated_bytes(model: Any, measured: dict) -> int:
@@ -188,13 +225,21 @@ def allocation_lines(allocation: dict) -> list[str]:
     """`explain()`'s table of an automatic plan: per tensor, each candidate's measured error
     (the objective increase when only that tensor takes it), the chosen one starred; tensors
     with the same candidates share a header."""
-    budget = allocation["budget"]
-    limit = f"{budget['bits']:g} average bits per weight" if "bits" in budget else f"{budget['bytes']} model bytes"
+    from .passes.allocate import show_seconds
+
+    budget, latency = allocation["budget"], allocation.get("latency")
+    limits = [f"{budget['bits']:g} average bits per weight" if "bits" in budget else f"{budget['bytes']} model bytes"
+              ] if budget else []
+    if latency:
+        limits.append(f"{show_seconds(latency['budget_seconds'])} of linears' time")
     lines = [
-        f"  allocation under {limit}: objective {allocation['objective']}, predicted increase "
+        f"  allocation under {' and '.join(limits)}: objective {allocation['objective']}, predicted increase "
         f"{allocation['predicted_error']:.4g}, {allocation['average_bits']:.3f} average bits, "
         f"{allocation['bytes']} bytes (errors: increase when only that tensor takes the format; * chosen)"
     ]
+    if latency:
+        lines.append(f"  predicted time of the allocated linears: {show_seconds(latency['predicted_seconds'])}, "
+                     f"by the {latency['cost_model']}")
     header = None
     for tensor, row in allocation["tensors"].items():
         fmts = [c["format"] for c in row["candidates"]]

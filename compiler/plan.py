@@ -258,7 +258,7 @@ class Plan:
     @staticmethod
     def auto(model: Any, budget: Any, candidates: Any = None, calibration: Any = None, objective: str = "kl",
              *, progress: bool = True, example_inputs: Any = None, measured: Any = None,
-             quantizer: str = "rtn") -> "Plan":
+             quantizer: str = "rtn", latency: Any = None, cost: Any = None) -> "Plan":
         """The plan of least predicted error under `budget`: average bits per weight (3.5,
         "3.5bits") or model bytes ("90MB"). Measures each candidate format's effect on the
         model alone (`mxc.sensitivity.measure`, objective "kl", "ce" or "proxy", on
@@ -269,6 +269,9 @@ class Plan:
         a `mxc.sensitivity.Sensitivity` from before (`Sensitivity.from_dict` reads a saved
         one): the allocation reuses it and measures nothing. `quantizer`: candidate weights
         measured rounded to nearest ("rtn") or as compiled with calibration ("gptq").
+        `latency`: also a latency budget (seconds, or text "0.4ms") on the linears' summed
+        time as `cost` predicts it (default `mxc.cost.BandwidthModel()`: an estimate from
+        bytes moved, no measured kernel table exists yet); `budget` may be None then.
 
             plan = Plan.auto(model, 3.5, calibration=tokenizer)
             print(plan.explain())   # the rule per layer, and each candidate's error
@@ -276,7 +279,8 @@ class Plan:
         from .autoplan import auto_plan
 
         return auto_plan(model, budget, candidates, calibration, objective, progress=progress,
-                         example_inputs=example_inputs, measured=measured, quantizer=quantizer)
+                         example_inputs=example_inputs, measured=measured, quantizer=quantizer, latency=latency,
+                         cost=cost)
 
     @staticmethod
     def coerce(plan: "Plan | str | dict | os.PathLike") -> "Plan":

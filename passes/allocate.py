@@ -9,6 +9,7 @@ choice per tensor minimising the summed error under a budget, exactly:
 
     plan = solve(choices, budget_bits=3.5)     # {tensor: Choice}; Σ bits·numel / Σ numel <= 3.5
     plan = solve(choices, budget_bytes=40e6)   # Σ bytes <= 40 MB
+    plan = solve(choices, budget_bits=4, budget_seconds=4e-4)   # and Σ seconds <= 0.4 ms
 
 This is the multiple-choice knapsack. It is solved by dynamic programming over an integer
 cost grid, so the optimum is exact (errors are summed in float64): bytes are integers, and
@@ -21,6 +22,12 @@ bytes for SmolLM2's linears and the default candidates), which keeps the grid sm
 Activations and the KV cache cost no model bytes (`bytes` and `numel` 0): their choices
 count in neither budget, so each takes its least-error candidate (keep float out of their
 candidates to force quantization). Ties in summed error go to the cheaper solution.
+
+A latency budget (`budget_seconds`, on `Choice.seconds`, alone or with a bytes or bits
+budget) makes it a knapsack with two constraints, one of them on real numbers: that is solved
+as a 0/1 integer program with `scipy.optimize.milp` (HiGHS, branch and bound run to a gap of
+0, the objective scaled so that HiGHS' absolute gap is 10⁻¹² of the largest error), and the
+solution is checked against both budgets exactly; among equal errors HiGHS picks one.
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class Choice:
     `outliers`: for a weight, k > 0 keeps its k input channels of largest calibrated abs-max
     in the outlier format (int8 per channel: the reorder pass moves them last and the
     quantize pass splits the weight), the other K - k in `fmt`; `bytes` and `bits` count both.
+    `seconds`: the predicted time of the tensor's op in this format, from a cost model
+    (`mxc.cost`); 0 where none priced it. Only a latency budget reads it.
     """
 
     tensor: str
@@ -56,6 +65,7 @@ class Choice:
     numel: int
     error: float
     outliers: int = 0
+    seconds: float = 0.0
 
 
 class BudgetError(ValueError):
@@ -72,11 +82,13 @@ def solve(
     *,
     budget_bytes: int | float | None = None,
     budget_bits: float | None = None,
+    budget_seconds: float | None = None,
 ) -> dict[str, Choice]:
     """One choice per tensor with the least summed `error` such that Σ bytes <= `budget_bytes`
     or Σ bits·numel / Σ numel <= `budget_bits` (average bits per weight over the tensors
-    with numel > 0). Neither budget: each tensor's least-error choice. Among solutions of
-    equal summed error, the one of least cost wins.
+    with numel > 0), and Σ seconds <= `budget_seconds` when given. No budget: each tensor's
+    least-error choice. Without a latency budget, of solutions of equal summed error the one
+    of least cost wins.
 
     Raises `BudgetError` (a ValueError) naming the smallest feasible budget when none fits.
 
@@ -106,11 +118,20 @@ def solve(
         cost = {n: [int(c.bytes) for c in choices[n]] for n in names}
         limit = None if budget_bytes is None else math.floor(budget_bytes)
     errors = {n: [float(c.error) for c in choices[n]] for n in names}
+    if budget_seconds is not None:
+        return _solve_with_latency(choices, cost, errors, limit, float(budget_seconds), budget_bits)
     if limit is None:
         picked = {n: _best(errors[n], cost[n], range(len(choices[n]))) for n in names}
         return {n: choices[n][picked[n]] for n in names}
 
-    least = sum(min(cost[n]) for n in names)
+    _check_fits(cost, limit, budget_bits, numel if budget_bits is not None else 0)
+    picked = _knapsack(names, cost, errors, limit - sum(min(cost[n]) for n in names))
+    return {n: choices[n][picked[n]] for n in names}
+
+
+def _check_fits(cost: dict[str, list[int]], limit: int, budget_bits: float | None, numel: int) -> None:
+    """BudgetError naming the smallest feasible size budget when even the cheapest choices exceed `limit`."""
+    least = sum(min(row) for row in cost.values())
     if limit < least:
         if budget_bits is not None:
             shown = math.ceil(least / numel * 10**4) / 10**4  # rounded up: the shown figure is feasible
@@ -118,8 +139,82 @@ def solve(
                               f"feasible budget is {shown} bits (every tensor at its smallest candidate)", shown)
         raise BudgetError(f"budget of {limit} bytes is infeasible: the smallest feasible budget is {least} bytes "
                           "(every tensor at its smallest candidate)", least)
-    picked = _knapsack(names, cost, errors, limit - least)
+
+
+def _solve_with_latency(choices: dict[str, list[Choice]], cost: dict[str, list[int]], errors: dict[str, list[float]],
+                        limit: int | None, budget_seconds: float, budget_bits: float | None) -> dict[str, Choice]:
+    """The least summed error under Σ seconds <= `budget_seconds` and, when `limit` is not
+    None, Σ cost <= `limit`: a 0/1 program solved by `scipy.optimize.milp` (see the module
+    docstring). Infeasible budgets raise `BudgetError` with the least latency that fits the
+    size budget (in seconds)."""
+    if not (math.isfinite(budget_seconds) and budget_seconds > 0):
+        raise ValueError(f"solve: budget_seconds must be a positive number of seconds, got {budget_seconds!r}")
+    names = list(choices)
+    seconds = {n: [float(c.seconds) for c in choices[n]] for n in names}
+    for n in names:
+        if not all(math.isfinite(t) and t >= 0 for t in seconds[n]):
+            raise ValueError(f"solve: the choices for {n!r} have seconds {seconds[n]}: expected finite times >= 0")
+    if limit is not None:
+        _check_fits(cost, limit, budget_bits, sum(choices[n][0].numel for n in names))
+    fastest = _milp(names, seconds, seconds, cost, limit, None)
+    least = sum(seconds[n][fastest[n]] for n in names)
+    if least > budget_seconds:
+        within = " within the size budget" if limit is not None else ""
+        raise BudgetError(f"latency budget of {show_seconds(budget_seconds)} is infeasible: the least predicted "
+                          f"latency{within} is {show_seconds(least)} ({least!r} s)", least)
+    picked = _milp(names, errors, seconds, cost, limit, budget_seconds)
     return {n: choices[n][picked[n]] for n in names}
+
+
+def _milp(names: list[str], objective: dict[str, list[float]], seconds: dict[str, list[float]],
+          cost: dict[str, list[int]], limit: int | None, budget_seconds: float | None) -> dict[str, int]:
+    """Indices minimising Σ objective with one choice per tensor, Σ cost <= `limit` (None: no
+    size budget) and Σ seconds <= `budget_seconds` (None: no latency budget), exactly: costs
+    count above each tensor's least, a choice whose excess alone is over the slack is fixed
+    to 0, rows are scaled to a right-hand side of 1 for HiGHS, and where the returned
+    solution exceeds a budget by HiGHS' feasibility tolerance, that slack is tightened by the
+    excess and it solves again. Raises ValueError if HiGHS fails or finds the program infeasible (the callers
+    check feasibility first)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    sizes = [len(objective[n]) for n in names]
+    starts = np.cumsum([0, *sizes])
+    width = int(starts[-1])
+    c = np.concatenate([objective[n] for n in names])
+    scale = float(np.abs(c).max()) or 1.0
+    c = c / scale * 1e6  # HiGHS' absolute gap (1e-6) is then 1e-12 of the largest error
+    one = np.zeros((len(names), width))
+    for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+        one[i, a:b] = 1.0
+    rows = []  # (coefficients above each tensor's least, the slack, the exact excess of a solution)
+    if limit is not None:
+        rows.append((np.concatenate([np.subtract(cost[n], min(cost[n])) for n in names]).astype(float),
+                     float(limit - sum(min(cost[n]) for n in names)),
+                     lambda p: sum(cost[n][p[n]] for n in names) - limit))
+    if budget_seconds is not None:
+        rows.append((np.concatenate([np.subtract(seconds[n], min(seconds[n])) for n in names]),
+                     budget_seconds - sum(min(seconds[n]) for n in names),
+                     lambda p: sum(seconds[n][p[n]] for n in names) - budget_seconds))
+    slacks = [slack for _, slack, _ in rows]
+    for _ in range(8):
+        constraints = [LinearConstraint(one, 1.0, 1.0)]
+        upper = np.ones(width)
+        for (coef, _, _), slack in zip(rows, slacks):
+            upper[coef > slack] = 0.0  # a choice above the slack alone cannot be taken: fixed, not left to tolerances
+            if slack > 0:
+                constraints.append(LinearConstraint((coef / slack)[None, :], -np.inf, 1.0))
+        res = milp(c, constraints=constraints, integrality=np.ones(width), bounds=Bounds(0, upper),
+                   options={"mip_rel_gap": 0.0})
+        if res.x is None:
+            raise ValueError(f"solve: scipy.optimize.milp found no solution: {res.message}")
+        picked = {n: int(np.argmax(res.x[a:b])) for n, a, b in zip(names, starts[:-1], starts[1:])}
+        excess = [excess(picked) for _, _, excess in rows]
+        if all(e <= 0 for e in excess):
+            return picked
+        for i, e in enumerate(excess):  # within HiGHS' tolerance but over the budget: ask for that much less
+            if e > 0:
+                slacks[i] -= e * (1 + 1e-9)
+    raise ValueError("solve: scipy.optimize.milp's solutions kept exceeding a budget by its feasibility tolerance")
 
 
 def average_bits(solution: dict[str, Choice]) -> float:
@@ -136,6 +231,11 @@ def total_bytes(solution: dict[str, Choice]) -> int:
 def total_error(solution: dict[str, Choice]) -> float:
     """The predicted increase of the objective: Σ error (assumes the errors add up)."""
     return sum(c.error for c in solution.values())
+
+
+def show_seconds(seconds: float) -> str:
+    """A time for people: "412.3 µs", "1.250 ms"."""
+    return f"{seconds * 1e3:.3f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} µs"
 
 
 def _bit_cost(c: Choice) -> int:

@@ -258,3 +258,55 @@ def test_outlier_candidates_become_rules_that_compile_within_the_budget(tiny_lla
     same = mxc.Plan.auto(model, f"{plan.notes['allocation']['bytes']}B", measured=measured)
     assert same.notes["allocation"]["bytes"] <= plan.notes["allocation"]["bytes"]
     assert same.notes["allocation"]["predicted_error"] <= plan.notes["allocation"]["predicted_error"]
+
+
+def test_latency_budget_prices_each_linear_and_binds(tiny_llama, fake_measure, tmp_path):
+    """`latency=`: each choice priced by the bandwidth model for its layer's shape, the
+    allocation the solver's optimum under both budgets, the latency within its budget and
+    shown (as an estimate) by explain(), the plan round-tripping through JSON."""
+    from mxc.cost import BandwidthModel
+
+    cal = batches()
+    slow = BandwidthModel(bandwidth=1e9, launch=1e-6)  # a slow memory: bytes dominate the time
+    free = mxc.Plan.auto(tiny_llama, 6.0, calibration=cal)
+    weights = linear_weights(tiny_llama)
+    measured = sensitivity.measure(tiny_llama, autoplan.DEFAULT_CANDIDATES, cal)
+    shapes = {p + ":weight": tuple(w.shape) for p, w in weights.items()}
+    time_of = {t: {(str(c.fmt), c.outliers): slow.seconds(c, shapes[t]) for c in row} for t, row in measured.items()}
+    at_free = sum(time_of[t][(str(chosen(free, t[:-7]).fmt), chosen(free, t[:-7]).outliers)] for t in measured)
+    budget = 0.8 * at_free
+    plan = mxc.Plan.auto(tiny_llama, 6.0, calibration=cal, latency=budget, cost=slow)
+    notes = plan.notes["allocation"]
+    took = sum(time_of[t][(str(chosen(plan, t[:-7]).fmt), chosen(plan, t[:-7]).outliers)] for t in measured)
+    assert took <= budget and notes["latency"]["predicted_seconds"] == pytest.approx(took, rel=1e-12)
+    assert notes["latency"]["cost"]["measured"] is False and plan_average_bits(plan, tiny_llama) <= 6.0
+    priced = {t: [Choice(**{**c.__dict__, "seconds": time_of[t][(str(c.fmt), c.outliers)]}) for c in row]
+              for t, row in measured.items()}
+    best = solve(priced, budget_bits=6.0, budget_seconds=budget)
+    assert notes["predicted_error"] == pytest.approx(total_error(best), rel=1e-9)
+    assert notes["predicted_error"] > free.notes["allocation"]["predicted_error"]  # the latency budget binds
+    text = plan.explain(tiny_llama)
+    assert "of linears' time" in text and "bandwidth model (an estimate, not measured)" in text
+    plan.to_json(tmp_path / "plan.json")
+    assert mxc.Plan.from_json(tmp_path / "plan.json").notes == plan.notes
+    alone = mxc.Plan.auto(tiny_llama, None, calibration=cal, latency=f"{budget * 1e3}ms", cost=slow)
+    assert alone.notes["allocation"]["latency"]["predicted_seconds"] <= budget * (1 + 1e-9)
+
+
+def test_latency_budget_errors_name_what_was_expected(tiny_llama, fake_measure):
+    from mxc.cost import BandwidthModel, parse_latency
+
+    cal = batches()
+    with pytest.raises(BudgetError, match="latency budget of 1.0 µs is infeasible: the least predicted latency is"):
+        mxc.Plan.auto(tiny_llama, None, calibration=cal, latency="1us")
+    with pytest.raises(ValueError, match="needs a budget"):
+        mxc.Plan.auto(tiny_llama, None, calibration=cal)
+    with pytest.raises(ValueError, match="pass latency= with cost="):
+        mxc.Plan.auto(tiny_llama, 4.0, calibration=cal, cost=BandwidthModel())
+    with pytest.raises(ValueError, match="expected seconds as a number or text with a unit"):
+        parse_latency("fast")
+    with pytest.raises(ValueError, match="expected a positive time"):
+        parse_latency(0)
+    with pytest.raises(ValueError, match="bandwidth must be a positive number"):
+        BandwidthModel(bandwidth=-1)
+    assert parse_latency("350us") == pytest.approx(350e-6) and parse_latency("2e-4s") == pytest.approx(2e-4)

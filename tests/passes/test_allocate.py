@@ -164,3 +164,78 @@ def test_bad_inputs_are_named():
         solve({"b:weight": [c]}, budget_bytes=4)
     with pytest.raises(ValueError, match="not a whole number of bits"):
         solve({"a:weight": [Choice("a:weight", None, 1, 4.3, 3, 0.0)]}, budget_bits=8)
+
+
+# -- a latency budget: two constraints, solved by scipy.optimize.milp ------------------------
+
+
+@st.composite
+def timed_instances(draw):
+    """`instances` whose choices also take random predicted seconds (microseconds)."""
+    import dataclasses
+
+    return {n: [dataclasses.replace(c, seconds=draw(st.floats(0.5e-6, 20e-6))) for c in cs]
+            for n, cs in draw(instances()).items()}
+
+
+def seconds_range(choices):
+    return (sum(min(c.seconds for c in cs) for cs in choices.values()),
+            sum(max(c.seconds for c in cs) for cs in choices.values()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(timed_instances(), st.floats(0.0, 1.0), st.floats(0.0, 1.0), st.booleans())
+def test_latency_budget_optimal_against_brute_force(choices, where_bytes, where_seconds, with_bytes):
+    lo, hi = byte_range(choices)
+    budget = lo + round(where_bytes * (hi - lo)) if with_bytes else None
+    slo, shi = seconds_range(choices)
+    seconds = slo + where_seconds * (shi - slo)
+    feasible = brute(choices, lambda combo: (budget is None or sum(c.bytes for c in combo) <= budget)
+                     and sum(c.seconds for c in combo) <= seconds)
+    if not feasible:  # the fastest choices may not fit the bytes: named, with the least latency that does
+        with pytest.raises(BudgetError, match="latency budget of .* is infeasible") as e:
+            solve(choices, budget_bytes=budget, budget_seconds=seconds)
+        fits = brute(choices, lambda combo: sum(c.bytes for c in combo) <= budget)
+        assert math.isclose(e.value.least, min(sum(c.seconds for c in s.values()) for _, _, s in fits), rel_tol=1e-9)
+        return
+    got = solve(choices, budget_bytes=budget, budget_seconds=seconds)
+    assert set(got) == set(choices) and all(got[n] in choices[n] for n in choices)
+    assert sum(c.seconds for c in got.values()) <= seconds
+    assert budget is None or total_bytes(got) <= budget
+    best = min(e for e, _, _ in feasible)
+    assert math.isclose(total_error(got), best, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_latency_budget_with_average_bits():
+    """Three tensors of int2/int4/int8-like choices, int2 slow (unpacking): under 4 bits alone
+    the least error is int2, int2, int8 (8.5 µs); under 7 µs too it is int4 everywhere, as
+    brute force says."""
+    import dataclasses
+
+    rows = [(2, 3e-6, 1.5), (4, 2e-6, 1.0), (8, 2.5e-6, 0.1)]  # bits, seconds, error
+    choices = {f"l{i}:weight": [Choice(f"l{i}:weight", None, bits * 8, float(bits), 64, err * (1 + i / 10),
+                                       seconds=sec) for bits, sec, err in rows] for i in range(3)}
+    plain = solve(choices, budget_bits=4)
+    timed = solve(choices, budget_bits=4, budget_seconds=7e-6)
+    assert average_bits(timed) <= 4 and sum(c.seconds for c in timed.values()) <= 7e-6
+    best = min(e for e, _, s in brute(choices, lambda combo: sum(c.bits for c in combo) <= 12
+                                      and sum(c.seconds for c in combo) <= 7e-6))
+    assert math.isclose(total_error(timed), best, rel_tol=1e-12)
+    assert [c.bits for c in plain.values()] == [2.0, 2.0, 8.0] and [c.bits for c in timed.values()] == [4.0] * 3
+    assert total_error(timed) > total_error(plain)  # the latency budget binds
+    assert dataclasses.asdict(timed["l0:weight"])["seconds"] > 0
+
+
+def test_latency_budget_errors_are_named():
+    c = [Choice("a:weight", None, b, 8.0 * b, 1, e, seconds=s) for b, e, s in ((4, 1.0, 2e-6), (8, 0.0, 1e-6))]
+    with pytest.raises(BudgetError, match=r"latency budget of 1.5 µs is infeasible: the least predicted latency "
+                                          r"within the size budget is 2.0 µs"):
+        solve({"a:weight": c}, budget_bytes=4, budget_seconds=1.5e-6)
+    with pytest.raises(BudgetError, match=r"latency budget of 0.5 µs is infeasible: the least predicted latency is "
+                                          r"1.0 µs"):
+        solve({"a:weight": c}, budget_seconds=0.5e-6)
+    with pytest.raises(ValueError, match="budget_seconds must be a positive"):
+        solve({"a:weight": c}, budget_seconds=-1.0)
+    bad = [Choice("a:weight", None, 4, 32.0, 1, 0.0, seconds=float("nan"))]
+    with pytest.raises(ValueError, match="expected finite times"):
+        solve({"a:weight": bad}, budget_seconds=1.0)

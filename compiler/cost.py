@@ -1,0 +1,95 @@
+"""Latency costs for the allocation's latency budget: the predicted time of each linear in
+each candidate format, summed by the solver (`mxc.passes.allocate.solve(budget_seconds=)`).
+
+    cost = mxc.cost.BandwidthModel()                          # H100 SXM figures, one token
+    plan = mxc.Plan.auto(model, 4.0, calibration=tok, latency="0.4ms", cost=cost)
+    plan.notes["allocation"]["latency"]                         # budget, predicted, the model used
+
+No kernel table has been measured (the kernel benchmark needs CUDA and none was lent), so the
+only cost model is a **bandwidth model, an estimate**: it says so in every report
+(`describe()`, `to_dict()["measured"] is False`). A linear running M tokens is taken to be
+memory-bound (true for decode, M small), so its time is the bytes it must move over the
+memory bandwidth plus a fixed cost per kernel launch:
+
+    seconds = (weight bytes + M·(K + N)·2) / bandwidth + launch
+              + with k outlier channels: M·2K·2 / bandwidth (the gather of x) + M·N·2 / bandwidth
+                and a second launch (the outlier GEMM)
+
+Weight bytes are the choice's own (`Choice.bytes`: packed codes, scales, zero points, outlier
+part, a share of the gather index), so the latency budget prices formats as the byte budget
+sizes them; fp16 activations in and out. Activation and KV-cache choices cost 0 here: at
+small M the quantized-activation kernels move the same weight bytes, and the KV cache's
+traffic depends on the context length, which this model does not take. Compute-bound
+prefill (M large) is not modelled: `tokens` sets M but the figure stays a bandwidth bound.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .passes.allocate import show_seconds  # noqa: F401 - re-exported: mxc.cost.show_seconds
+
+_LATENCY = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*(s|ms|us|µs|ns)?\s*")
+_SECONDS = {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def parse_latency(latency: Any) -> float:
+    """Seconds from a number (seconds) or text with a unit: "0.4ms", "350us", "2e-4s".
+
+        parse_latency("0.4ms") -> 0.0004
+    """
+    if isinstance(latency, (int, float)) and not isinstance(latency, bool):
+        value = float(latency)
+    elif isinstance(latency, str) and (m := _LATENCY.fullmatch(latency)):
+        value = float(m[1]) * 10 ** int(m[2] or 0) * _SECONDS[m[3]]
+    else:
+        raise ValueError(f"latency budget {latency!r}: expected seconds as a number or text with a unit "
+                         "(\"0.4ms\", \"350us\", \"2e-4s\")")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"latency budget {latency!r}: expected a positive time, got {value} s")
+    return value
+
+
+@dataclass(frozen=True)
+class BandwidthModel:
+    """The estimated time of one linear (see the module docstring). Defaults: an H100 SXM's
+    peak HBM3 bandwidth (3.35 TB/s), 3 µs per kernel launch, one token (a decode step)."""
+
+    bandwidth: float = 3.35e12  # bytes/s
+    launch: float = 3e-6        # seconds per kernel launch
+    tokens: int = 1             # M: rows of activations per call
+    act_bytes: int = 2          # bytes per activation element in and out (fp16)
+
+    def __post_init__(self) -> None:
+        for name in ("bandwidth", "launch", "tokens", "act_bytes"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and (value > 0 or (name == "launch" and value == 0))):
+                raise ValueError(f"BandwidthModel: {name} must be a positive number, got {value!r}")
+
+    def seconds(self, choice: Any, shape: tuple[int, ...] | None) -> float:
+        """Predicted seconds of the linear whose weight is `shape` ([N, K]) in `choice`'s
+        format (`choice.bytes`, `choice.outliers`); 0 for a choice without weight elements
+        (activations, KV cache)."""
+        if not choice.numel:
+            return 0.0
+        if shape is None or len(shape) != 2:
+            raise ValueError(f"BandwidthModel: {choice.tensor} needs its weight's [N, K] shape, got {shape!r}")
+        n, k = shape
+        moved = choice.bytes + self.tokens * (k + n) * self.act_bytes
+        launches = 1
+        if choice.outliers:
+            moved += self.tokens * (2 * k + n) * self.act_bytes
+            launches = 2
+        return moved / self.bandwidth + launches * self.launch
+
+    def describe(self) -> str:
+        return (f"bandwidth model (an estimate, not measured): {self.bandwidth / 1e12:g} TB/s, "
+                f"{self.launch * 1e6:g} µs per launch, {self.tokens} token(s) per call")
+
+    def to_dict(self) -> dict:
+        return {"model": "bandwidth", "measured": False, "bandwidth": self.bandwidth, "launch": self.launch,
+                "tokens": self.tokens, "act_bytes": self.act_bytes}
