@@ -113,7 +113,7 @@ def main() -> None:
     lines = [f"## Codebook probe: per-row k-means weights against uniform int g128 on SmolLM2-135M ({when})", "",
              f"{platform.machine()} CPU ({os.cpu_count()} cores), {args.threads} threads, torch {torch.__version__}, "
              f"eager torch with the quantized weights in float. Command: `python benchmarks/codebook.py --specs "
-             f"{' '.join(args.specs)}`. Round to nearest, no GPTQ; lm_head float; perplexity over "
+             f"{' '.join(args.specs)} --threads {args.threads}`. Round to nearest, no GPTQ; lm_head float; perplexity over "
              f"{args.windows}×512 tokens (float {float_ppl:.3f}).", "",
              "| weights | bits per weight | perplexity |", "| --- | ---: | ---: |"]
     lines += [f"| {spec} | {bits:.3f} | {ppl:.3f} |" for spec, bits, ppl in rows]

@@ -170,7 +170,7 @@ def main() -> None:
     lines = [f"## Rotation probe: Hadamard rotations folded into SmolLM2-135M, {args.method} ({when})", "",
              f"{platform.machine()} CPU ({os.cpu_count()} cores), {args.threads} threads, torch {torch.__version__}, "
              f"reference backend. Command: `python benchmarks/rotation.py --variants {' '.join(args.variants)} "
-             f"--method {args.method}`. Perplexity over {args.windows}×512 tokens; uniform plans, lm_head float; "
+             f"--method {args.method} --threads {args.threads}`. Perplexity over {args.windows}×512 tokens; uniform plans, lm_head float; "
              + ("GPTQ + clipping search on 8×512 calibration tokens." if args.method == "gptq" else
                 "round to nearest, no clipping search."),
              "", "| rotation | float | " + " | ".join(args.formats) + " |",
