@@ -200,9 +200,10 @@ def _milp(names: list[str], objective: dict[str, list[float]], seconds: dict[str
         constraints = [LinearConstraint(one, 1.0, 1.0)]
         upper = np.ones(width)
         for (coef, _, _), slack in zip(rows, slacks):
-            upper[coef > slack] = 0.0  # a choice above the slack alone cannot be taken: fixed, not left to tolerances
-            if slack > 0:
-                constraints.append(LinearConstraint((coef / slack)[None, :], -np.inf, 1.0))
+            over = coef > slack
+            upper[over] = 0.0  # a choice above the slack alone cannot be taken: fixed, not left to tolerances
+            if slack > 0:  # the others' coefficients scaled into [0, 1]
+                constraints.append(LinearConstraint(np.where(over, 0.0, coef / slack)[None, :], -np.inf, 1.0))
         res = milp(c, constraints=constraints, integrality=np.ones(width), bounds=Bounds(0, upper),
                    options={"mip_rel_gap": 0.0})
         if res.x is None:
