@@ -16,8 +16,9 @@ ranks the channels).
 Budgets: a number, or text such as "3.5" or "3.5bits", is average bits per weight over the
 allocated weights (Σ bits·numel / Σ numel, scales included); text with a byte unit ("90MB",
 "85.5MiB", "2GB", "120000000B"; MB = 10⁶ bytes, MiB = 2²⁰) is the model's weight bytes: the
-allocated weights plus every tensor left in float (embeddings, norms, lm_head) at its size in
-the model. Weights count as the compiled model stores them (`stored_bytes`): each row's
+allocated weights plus every constant of the captured graph left in float (embeddings, norms,
+lm_head, rotary tables) at its size (`Sensitivity.float_bytes`; a module buffer the graph
+never reads does not count). Weights count as the compiled model stores them (`stored_bytes`): each row's
 codes in whole int32 words, ceil(bits·K/32), plus scales and zero points; a weight with
 outlier channels counts both parts and the int64 gather index [K] the reorder pass keeps
 for its group (q, k, v share one; down_proj needs none: `mxc.sensitivity.INDEX_BYTES`).
@@ -120,7 +121,9 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
                                        quantizer=quantizer)
     if not measured:
         raise ValueError(f"no tensor of the model matches the candidates {candidates!r}")
-    fixed = _unallocated_bytes(model, measured)
+    fixed = getattr(measured, "float_bytes", None)
+    if fixed is None:  # a measurement that did not record it: the model's own tensors, an upper bound
+        fixed = _unallocated_bytes(model, measured)
     stored = getattr(measured, "stored_bytes", total_bytes)  # gather indices counted once per group
     choices = measured if cost is None else _priced(model, measured, cost)
     if kind != "bytes":

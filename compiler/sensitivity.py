@@ -151,13 +151,17 @@ class Sensitivity(dict):
 
     def __init__(self, choices: dict[str, list[Choice]], *, objective: str, tokens: int, seconds: float,
                  correlation: float | None = None, checked: tuple[str, ...] = (), quantizer: str = "rtn",
-                 indices: dict[str, dict] | None = None):
+                 indices: dict[str, dict] | None = None, float_bytes: int | None = None):
         super().__init__(choices)
         self.objective, self.tokens, self.seconds = objective, tokens, seconds
         self.correlation, self.checked, self.quantizer = correlation, checked, quantizer
         #: weights whose outlier candidates need a gather index: {tensor: {"group": the
         #: index's group, "bytes": the index's bytes, "share": what each choice is charged}}
         self.indices = dict(indices or {})
+        #: bytes of the captured graph's constants that no measured weight covers (norms,
+        #: embeddings, lm_head, rotary tables), as the compiled model keeps them; None when
+        #: unknown (a measurement saved before this was recorded)
+        self.float_bytes = float_bytes
 
     def stored_bytes(self, solution: dict[str, Choice]) -> int:
         """The bytes a solution's weights take compiled: its choices' bytes with each gather
@@ -176,6 +180,7 @@ class Sensitivity(dict):
         return {
             "objective": self.objective, "quantizer": self.quantizer, "tokens": self.tokens, "seconds": self.seconds,
             "correlation": self.correlation, "checked": list(self.checked), "indices": self.indices,
+            "float_bytes": self.float_bytes,
             "tensors": {t: [{"format": None if c.fmt is None else str(c.fmt), "bytes": c.bytes, "bits": c.bits,
                              "numel": c.numel, "error": c.error, **({"outliers": c.outliers} if c.outliers else {})}
                             for c in row] for t, row in self.items()},
@@ -189,7 +194,8 @@ class Sensitivity(dict):
                    for t, row in data["tensors"].items()}
         return cls(choices, objective=data["objective"], tokens=int(data["tokens"]), seconds=float(data["seconds"]),
                    correlation=data.get("correlation"), checked=tuple(data.get("checked", ())),
-                   quantizer=data.get("quantizer", "rtn"), indices=data.get("indices"))
+                   quantizer=data.get("quantizer", "rtn"), indices=data.get("indices"),
+                   float_bytes=data.get("float_bytes"))
 
     def describe(self) -> str:
         """One line: what was measured, on how much text, in how long."""
@@ -247,6 +253,7 @@ def measure(
                          "(round to nearest needs no statistics)")
     tokens = sum(int(x.numel()) for x in ids)
     indices = _indices(graph, plan)
+    fixed = float_bytes(graph, plan)
 
     def weights() -> Weights:
         return Weights(graph, stats_batches, quantizer)
@@ -264,12 +271,13 @@ def measure(
             corr = spearman([p for p, _ in pairs], [m for _, m in pairs]) if len(pairs) > 1 else float("nan")
             return Sensitivity(_choices(plan, errors, indices), objective=objective, tokens=tokens,
                                seconds=time.perf_counter() - start, correlation=corr,
-                               checked=tuple(t.tensor for t in picked), quantizer=quantizer, indices=indices)
+                               checked=tuple(t.tensor for t in picked), quantizer=quantizer, indices=indices,
+                               float_bytes=fixed)
         errors = Suffixes(graph, batches, ids, objective, quantized).errors(plan, progress=progress)
     finally:
         quantized.close()
     return Sensitivity(_choices(plan, errors, indices), objective=objective, tokens=tokens,
-                       seconds=time.perf_counter() - start, quantizer=quantizer, indices=indices)
+                       seconds=time.perf_counter() - start, quantizer=quantizer, indices=indices, float_bytes=fixed)
 
 
 def prepare(model: Any, calibration: Any, example_inputs: Any = None) -> tuple[Graph, list[list[torch.Tensor]], list[torch.Tensor]]:
@@ -317,6 +325,14 @@ def _stack(inputs: list[list[torch.Tensor]], ids_at: int) -> list[list[torch.Ten
         else:
             out.append([b])
     return [[torch.cat(parts) for parts in zip(*group)] for group in out]
+
+
+def float_bytes(graph: Graph, plan: dict) -> int:
+    """Bytes of the constants `graph` reads that none of `plan`'s weight targets is: what the
+    compiled model keeps in float beside the allocated weights (a tied weight once; a module
+    buffer the graph never reads, such as a spare copy of the rotary frequencies, not at all)."""
+    allocated = {graph.nodes[t.index].inputs[1].node.get("name") for t in plan if t.kind == "weight"}
+    return sum(w.numel() * w.element_size() for name, w in graph.used_weights().items() if name not in allocated)
 
 
 def targets(graph: Graph, kinds: Sequence[str] = ("weight",)) -> list[Target]:

@@ -198,6 +198,14 @@ def test_end_to_end_real_sensitivity(tiny_llama_factory):
         warnings.simplefilter("ignore")
         compiled = mxc.compile(model, plan, calibration=cal)
     assert compiled.report().avg_bits <= 4.0
+    # the bytes the plan counts are the compiled model's: the graph's float constants, not the
+    # module's (its spare rotary buffer `original_inv_freq` is never read)
+    assert plan.notes["allocation"]["bytes"] == compiled.report().weight_bytes
+    # so at uniform int8's exact size every weight takes int8 (the least error of each)
+    measured = sensitivity.Sensitivity.from_dict(sensitivity.measure(model, candidates, cal, progress=False).to_dict())
+    uniform = mxc.compile(model, mxc.Plan(rules=(mxc.Rule("lm_head"),), default=mxc.Rule(weight="int8<sym,channel>")))
+    at_int8 = mxc.Plan.auto(model, f"{uniform.report().weight_bytes}B", measured=measured)
+    assert {row["chosen"] for row in at_int8.notes["allocation"]["tensors"].values()} == {"int8<sym,channel>"}
 
 
 def test_a_saved_measurement_allocates_other_budgets_without_measuring(tiny_llama, fake_measure):
