@@ -27,7 +27,9 @@ A latency budget (`budget_seconds`, on `Choice.seconds`, alone or with a bytes o
 budget) makes it a knapsack with two constraints, one of them on real numbers: that is solved
 as a 0/1 integer program with `scipy.optimize.milp` (HiGHS, branch and bound run to a gap of
 0, the objective scaled so that HiGHS' absolute gap is 10⁻¹² of the largest error), and the
-solution is checked against both budgets exactly; among equal errors HiGHS picks one.
+solution is checked against both budgets exactly; among equal errors HiGHS picks one. Times
+are real numbers, so "exact" holds up to rounding at the boundary: a solution whose summed
+seconds is within ~10⁻¹² (relative) of the latency budget may be missed.
 """
 
 from __future__ import annotations
@@ -196,14 +198,16 @@ def _milp(names: list[str], objective: dict[str, list[float]], seconds: dict[str
                      budget_seconds - sum(min(seconds[n]) for n in names),
                      lambda p: sum(seconds[n][p[n]] for n in names) - budget_seconds))
     slacks = [slack for _, slack, _ in rows]
+    sizes_of_rows = [float(np.abs(coef).sum()) + abs(slack) for coef, slack, _ in rows]
     for _ in range(8):
         constraints = [LinearConstraint(one, 1.0, 1.0)]
         upper = np.ones(width)
-        for (coef, _, _), slack in zip(rows, slacks):
-            over = coef > slack
+        for (coef, _, _), slack, size in zip(rows, slacks, sizes_of_rows):
+            room = slack + 1e-12 * size  # sums of floats round: the exact check below decides at the boundary
+            over = coef > room
             upper[over] = 0.0  # a choice above the slack alone cannot be taken: fixed, not left to tolerances
-            if slack > 0:  # the others' coefficients scaled into [0, 1]
-                constraints.append(LinearConstraint(np.where(over, 0.0, coef / slack)[None, :], -np.inf, 1.0))
+            if room > 0:  # the others' coefficients scaled into [0, 1]
+                constraints.append(LinearConstraint(np.where(over, 0.0, coef / room)[None, :], -np.inf, 1.0))
         res = milp(c, constraints=constraints, integrality=np.ones(width), bounds=Bounds(0, upper),
                    options={"mip_rel_gap": 0.0})
         if res.x is None:
@@ -214,7 +218,7 @@ def _milp(names: list[str], objective: dict[str, list[float]], seconds: dict[str
             return picked
         for i, e in enumerate(excess):  # within HiGHS' tolerance but over the budget: ask for that much less
             if e > 0:
-                slacks[i] -= e * (1 + 1e-9)
+                slacks[i] -= max(e * (1 + 1e-9), 2e-12 * sizes_of_rows[i])
     raise ValueError("solve: scipy.optimize.milp's solutions kept exceeding a budget by its feasibility tolerance")
 
 

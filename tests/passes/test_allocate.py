@@ -202,8 +202,11 @@ def test_latency_budget_optimal_against_brute_force(choices, where_bytes, where_
     assert set(got) == set(choices) and all(got[n] in choices[n] for n in choices)
     assert sum(c.seconds for c in got.values()) <= seconds
     assert budget is None or total_bytes(got) <= budget
-    best = min(e for e, _, _ in feasible)
-    assert math.isclose(total_error(got), best, rel_tol=1e-9, abs_tol=1e-12)
+    # optimal: no worse than any solution clear of the latency budget by rounding (1e-9 of
+    # it), and as good as the best that fits at all, since it fits
+    clear = [e for e, _, s in feasible if sum(c.seconds for c in s.values()) <= seconds * (1 - 1e-9)]
+    assert total_error(got) >= min(e for e, _, _ in feasible) - 1e-12
+    assert not clear or total_error(got) <= min(clear) + 1e-12
 
 
 def test_latency_budget_with_average_bits():
