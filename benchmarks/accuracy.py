@@ -26,7 +26,8 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+from _results import publish  # benchmarks/, the script's own folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -35,7 +36,6 @@ DEFAULT_PLANS = [
     "w4a16-g128:rtn", "w4a16-g128", "w4a16-g32:rtn", "w4a16-g32", "w3a16-g128:rtn", "w3a16-g128",
     "w4a8", "w4a4-kv4", "nvfp4", "mxfp4", "fp8", "fp8-kv8",
 ]
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 #: Issue 3's goals: plan -> largest perplexity change against float (percent).
 GOALS = {"w8a8": 1.0, "w4a16-g128": 15.0, "w4a16-g32": 8.0, "w3a16-g128": 100.0}
 GPTQ_SECONDS = 60.0
@@ -181,10 +181,7 @@ def main() -> None:
     if failed:
         table += ["", f"Failed to run (see stderr): {', '.join(failed)}"]
     text = "\n".join(table) + "\n"
-    print(text)
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write("\n" + text)
+    publish(text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,12 @@ import datetime
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _results import publish  # benchmarks/, the script's own folder
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def kmeans_rows(w: torch.Tensor, bits: int, importance: torch.Tensor, steps: int = 25) -> torch.Tensor:
@@ -118,10 +116,7 @@ def main() -> None:
              "| weights | bits per weight | perplexity |", "| --- | ---: | ---: |"]
     lines += [f"| {spec} | {bits:.3f} | {ppl:.3f} |" for spec, bits, ppl in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write("\n" + text)
+    publish(text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -47,10 +47,11 @@ import time
 import warnings
 from pathlib import Path
 
+from _results import publish  # benchmarks/, the script's own folder
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 #: "fmt+16": the layer's 16 input channels of largest activation abs-max kept in int8 (the
 #: reorder pass's outlier channels), the others in fmt.
 CANDIDATES = ["int2<asym,g64>", "int2<asym,g64>+16", "int3<asym,g128>", "int3<asym,g128>+16", "int3<asym,g32>",
@@ -326,10 +327,7 @@ def main() -> None:
                       f"{mxc.sensitivity.spearman([r['predicted'] for r in auto], [r['ppl'] for r in auto]):.3f}."]
     lines += ["", "Goals (issue 6):", "", *goals(rows, fp)]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write("\n" + text)
+    publish(text, write=not args.no_write)
 
 
 if __name__ == "__main__":

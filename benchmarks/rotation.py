@@ -33,14 +33,12 @@ import os
 import platform
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _results import publish  # benchmarks/, the script's own folder
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def paley12():
@@ -179,10 +177,7 @@ def main() -> None:
         lines.append(f"| {row['variant']} | {row['float']:.3f} | " + " | ".join(f"{row[f]:.3f}" for f in args.formats)
                      + " |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write("\n" + text)
+    publish(text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,8 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
     `budget` may then be None (latency alone)."""
     from . import sensitivity
     from .cost import BandwidthModel, parse_latency
-    from .passes.allocate import BudgetError, average_bits, show_seconds, solve, total_bytes, total_error
+    from .passes.allocate import (BudgetError, LatencyBudgetError, average_bits, show_seconds, solve, total_bytes,
+                                  total_error)
     from .plan import Plan, Rule
 
     if budget is None and latency is None:
@@ -138,9 +139,9 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
             while (over := stored(solution) - target) > 0:
                 limit -= over
                 solution = solve(choices, budget_bytes=limit, budget_seconds=seconds)
+        except LatencyBudgetError:
+            raise
         except BudgetError as e:
-            if str(e).startswith("latency"):
-                raise
             least = e.least + fixed
             raise BudgetError(f"budget of {int(value)} model bytes is infeasible: the smallest feasible budget is "
                               f"{least} bytes ({least / 1e6:.3f} MB: every allocated tensor at its smallest candidate, "

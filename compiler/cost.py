@@ -30,8 +30,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .passes.allocate import show_seconds  # noqa: F401 - re-exported: mxc.cost.show_seconds
-
 _LATENCY = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*(s|ms|us|µs|ns)?\s*")
 _SECONDS = {None: 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 

@@ -79,6 +79,11 @@ class BudgetError(ValueError):
         self.least = least
 
 
+class LatencyBudgetError(BudgetError):
+    """The latency budget cannot be met; `least` is the least predicted latency (seconds)
+    that fits the size budget."""
+
+
 def solve(
     choices: dict[str, list[Choice]],
     *,
@@ -147,8 +152,8 @@ def _solve_with_latency(choices: dict[str, list[Choice]], cost: dict[str, list[i
                         limit: int | None, budget_seconds: float, budget_bits: float | None) -> dict[str, Choice]:
     """The least summed error under Σ seconds <= `budget_seconds` and, when `limit` is not
     None, Σ cost <= `limit`: a 0/1 program solved by `scipy.optimize.milp` (see the module
-    docstring). Infeasible budgets raise `BudgetError` with the least latency that fits the
-    size budget (in seconds)."""
+    docstring). An infeasible latency budget raises `LatencyBudgetError` with the least
+    latency that fits the size budget (in seconds)."""
     if not (math.isfinite(budget_seconds) and budget_seconds > 0):
         raise ValueError(f"solve: budget_seconds must be a positive number of seconds, got {budget_seconds!r}")
     names = list(choices)
@@ -162,7 +167,7 @@ def _solve_with_latency(choices: dict[str, list[Choice]], cost: dict[str, list[i
     least = sum(seconds[n][fastest[n]] for n in names)
     if least > budget_seconds:
         within = " within the size budget" if limit is not None else ""
-        raise BudgetError(f"latency budget of {show_seconds(budget_seconds)} is infeasible: the least predicted "
+        raise LatencyBudgetError(f"latency budget of {show_seconds(budget_seconds)} is infeasible: the least predicted "
                           f"latency{within} is {show_seconds(least)} ({least!r} s)", least)
     picked = _milp(names, errors, seconds, cost, limit, budget_seconds)
     return {n: choices[n][picked[n]] for n in names}
@@ -179,8 +184,7 @@ def _milp(names: list[str], objective: dict[str, list[float]], seconds: dict[str
     check feasibility first)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    sizes = [len(objective[n]) for n in names]
-    starts = np.cumsum([0, *sizes])
+    starts = np.cumsum([0, *(len(objective[n]) for n in names)])
     width = int(starts[-1])
     c = np.concatenate([objective[n] for n in names])
     scale = float(np.abs(c).max()) or 1.0
@@ -198,11 +202,11 @@ def _milp(names: list[str], objective: dict[str, list[float]], seconds: dict[str
                      budget_seconds - sum(min(seconds[n]) for n in names),
                      lambda p: sum(seconds[n][p[n]] for n in names) - budget_seconds))
     slacks = [slack for _, slack, _ in rows]
-    sizes_of_rows = [float(np.abs(coef).sum()) + abs(slack) for coef, slack, _ in rows]
+    magnitudes = [float(np.abs(coef).sum()) + abs(slack) for coef, slack, _ in rows]  # of each row's sums
     for _ in range(8):
         constraints = [LinearConstraint(one, 1.0, 1.0)]
         upper = np.ones(width)
-        for (coef, _, _), slack, size in zip(rows, slacks, sizes_of_rows):
+        for (coef, _, _), slack, size in zip(rows, slacks, magnitudes):
             room = slack + 1e-12 * size  # sums of floats round: the exact check below decides at the boundary
             over = coef > room
             upper[over] = 0.0  # a choice above the slack alone cannot be taken: fixed, not left to tolerances
@@ -213,12 +217,12 @@ def _milp(names: list[str], objective: dict[str, list[float]], seconds: dict[str
         if res.x is None:
             raise ValueError(f"solve: scipy.optimize.milp found no solution: {res.message}")
         picked = {n: int(np.argmax(res.x[a:b])) for n, a, b in zip(names, starts[:-1], starts[1:])}
-        excess = [excess(picked) for _, _, excess in rows]
-        if all(e <= 0 for e in excess):
+        over_by = [excess(picked) for _, _, excess in rows]
+        if all(e <= 0 for e in over_by):
             return picked
-        for i, e in enumerate(excess):  # within HiGHS' tolerance but over the budget: ask for that much less
+        for i, e in enumerate(over_by):  # within HiGHS' tolerance but over the budget: ask for that much less
             if e > 0:
-                slacks[i] -= max(e * (1 + 1e-9), 2e-12 * sizes_of_rows[i])
+                slacks[i] -= max(e * (1 + 1e-9), 2e-12 * magnitudes[i])
     raise ValueError("solve: scipy.optimize.milp's solutions kept exceeding a budget by its feasibility tolerance")
 
 
