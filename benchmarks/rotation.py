@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--method", default="gptq", choices=["rtn", "gptq"])
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 512 tokens")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="the draw of the rotations' random signs")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     args = ap.parse_args()
 
@@ -146,7 +147,7 @@ def main() -> None:
     for variant in args.variants:
         model, tok = mxc.models.load_smollm2()
         if variant != "none":
-            rotate(model, variant)
+            rotate(model, variant, seed=args.seed)
         calibration = text_batches(tok, n=8, seq_len=512)
         float_ppl = mxc.eval.perplexity(model, tok, windows=args.windows)
         row = {"variant": variant, "float": float_ppl}
@@ -168,7 +169,8 @@ def main() -> None:
     lines = [f"## Rotation probe: Hadamard rotations folded into SmolLM2-135M, {args.method} ({when})", "",
              f"{platform.machine()} CPU ({os.cpu_count()} cores), {args.threads} threads, torch {torch.__version__}, "
              f"reference backend. Command: `python benchmarks/rotation.py --variants {' '.join(args.variants)} "
-             f"--method {args.method} --threads {args.threads}`. Perplexity over {args.windows}×512 tokens; uniform plans, lm_head float; "
+             f"--method {args.method} --threads {args.threads} --seed {args.seed}`. Perplexity over "
+             f"{args.windows}×512 tokens; uniform plans, lm_head float; "
              + ("GPTQ + clipping search on 8×512 calibration tokens." if args.method == "gptq" else
                 "round to nearest, no clipping search."),
              "", "| rotation | float | " + " | ".join(args.formats) + " |",
