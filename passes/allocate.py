@@ -179,9 +179,11 @@ def _milp(names: list[str], objective: dict[str, list[float]], seconds: dict[str
     size budget) and Σ seconds <= `budget_seconds` (None: no latency budget), exactly: costs
     count above each tensor's least, a choice whose excess alone is over the slack is fixed
     to 0, rows are scaled to a right-hand side of 1 for HiGHS, and where the returned
-    solution exceeds a budget by HiGHS' feasibility tolerance, that slack is tightened by the
-    excess and it solves again. Raises ValueError if HiGHS fails or finds the program infeasible (the callers
-    check feasibility first)."""
+    solution exceeds a budget within HiGHS' feasibility tolerance, that solution is cut off
+    (its choices may not all be taken again), that slack is tightened by the excess, and it
+    solves again: the cut keeps this exact even where the excess is below what HiGHS can
+    tell from 0. Raises ValueError if HiGHS fails or finds the program infeasible (the
+    callers check feasibility first)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     starts = np.cumsum([0, *(len(objective[n]) for n in names)])
@@ -203,8 +205,11 @@ def _milp(names: list[str], objective: dict[str, list[float]], seconds: dict[str
                      lambda p: sum(seconds[n][p[n]] for n in names) - budget_seconds))
     slacks = [slack for _, slack, _ in rows]
     magnitudes = [float(np.abs(coef).sum()) + abs(slack) for coef, slack, _ in rows]  # of each row's sums
-    for _ in range(8):
+    cuts: list[np.ndarray] = []  # solutions HiGHS returned over a budget: excluded
+    for _ in range(32):
         constraints = [LinearConstraint(one, 1.0, 1.0)]
+        if cuts:
+            constraints.append(LinearConstraint(np.stack(cuts), -np.inf, len(names) - 1.0))
         upper = np.ones(width)
         for (coef, _, _), slack, size in zip(rows, slacks, magnitudes):
             room = slack + 1e-12 * size  # sums of floats round: the exact check below decides at the boundary
@@ -220,6 +225,7 @@ def _milp(names: list[str], objective: dict[str, list[float]], seconds: dict[str
         over_by = [excess(picked) for _, _, excess in rows]
         if all(e <= 0 for e in over_by):
             return picked
+        cuts.append(np.round(res.x))
         for i, e in enumerate(over_by):  # within HiGHS' tolerance but over the budget: ask for that much less
             if e > 0:
                 slacks[i] -= max(e * (1 + 1e-9), 2e-12 * magnitudes[i])
