@@ -91,8 +91,9 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
     `measured`: a `mxc.sensitivity.Sensitivity` measured before (e.g. once for several
     budgets); then nothing is measured and `candidates`, `calibration`, `objective` are unused.
     `quantizer`: how candidate weights are quantized while measuring ("rtn" or "gptq", see
-    `mxc.sensitivity`). `latency`: a latency budget too (seconds, or "0.4ms"), on each
-    linear's time as `cost` predicts it (default `mxc.cost.BandwidthModel()`, an estimate);
+    `mxc.sensitivity`). `latency`: a latency budget too (seconds, or "0.4ms"), on the sum of
+    each allocated tensor's time as `cost` predicts it (default `mxc.cost.BandwidthModel()`,
+    an estimate: each linear, plus what quantizing an activation or the KV cache adds);
     `budget` may then be None (latency alone)."""
     from . import sensitivity
     from .cost import BandwidthModel, parse_latency
@@ -185,7 +186,8 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
 
 
 def _priced(model: Any, measured: dict, cost: Any) -> dict:
-    """`measured`'s choices with `seconds` as `cost` predicts them for each weight's shape."""
+    """`measured`'s choices with `seconds` as `cost` predicts them: for each weight its shape
+    [N, K], for each activation (K,), for each KV cache (W,) (`_kv_width`; None if unknown)."""
     import dataclasses
 
     import torch
@@ -196,9 +198,30 @@ def _priced(model: Any, measured: dict, cost: Any) -> dict:
     priced = {}
     for tensor, row in measured.items():
         path, _, what = tensor.rpartition(":")
-        shape = tuple(model.get_submodule(path).weight.shape) if what == "weight" else None
+        module = model.get_submodule(path)
+        if what == "weight":
+            shape = tuple(module.weight.shape)
+        elif what == "act":
+            shape = (int(module.weight.shape[1]),)
+        else:
+            shape = _kv_width(module)
         priced[tensor] = [dataclasses.replace(c, seconds=float(cost.seconds(c, shape))) for c in row]
     return priced
+
+
+#: The key and value projections of an attention module, by the names Llama-like (k_proj,
+#: v_proj) and BERT-like (key, value) models give them.
+_KV_PROJECTIONS = (("k_proj", "v_proj"), ("key", "value"))
+
+
+def _kv_width(attention: Any) -> tuple[int] | None:
+    """(W,): the K and V elements per token that `attention`'s KV cache holds (the output
+    features of its key and value projections); None where it has no such linears."""
+    for names in _KV_PROJECTIONS:
+        linears = [getattr(attention, n, None) for n in names]
+        if all(hasattr(m, "weight") and getattr(m.weight, "dim", lambda: 0)() == 2 for m in linears):
+            return (sum(int(m.weight.shape[0]) for m in linears),)
+    return None
 
 
 def _unallocated_bytes(model: Any, measured: dict) -> int:
@@ -235,14 +258,14 @@ def allocation_lines(allocation: dict) -> list[str]:
     limits = [f"{budget['bits']:g} average bits per weight" if "bits" in budget else f"{budget['bytes']} model bytes"
               ] if budget else []
     if latency:
-        limits.append(f"{show_seconds(latency['budget_seconds'])} of linears' time")
+        limits.append(f"{show_seconds(latency['budget_seconds'])} of predicted latency")
     lines = [
         f"  allocation under {' and '.join(limits)}: objective {allocation['objective']}, predicted increase "
         f"{allocation['predicted_error']:.4g}, {allocation['average_bits']:.3f} average bits, "
         f"{allocation['bytes']} bytes (errors: increase when only that tensor takes the format; * chosen)"
     ]
     if latency:
-        lines.append(f"  predicted time of the allocated linears: {show_seconds(latency['predicted_seconds'])}, "
+        lines.append(f"  predicted latency of the allocated tensors: {show_seconds(latency['predicted_seconds'])}, "
                      f"by the {latency['cost_model']}")
     header = None
     for tensor, row in allocation["tensors"].items():

@@ -17,10 +17,24 @@ memory bandwidth plus a fixed cost per kernel launch:
 
 Weight bytes are the choice's own (`Choice.bytes`: packed codes, scales, zero points, outlier
 part, a share of the gather index), so the latency budget prices formats as the byte budget
-sizes them; fp16 activations in and out. Activation and KV-cache choices cost 0 here: at
-small M the quantized-activation kernels move the same weight bytes, and the KV cache's
-traffic depends on the context length, which this model does not take. Compute-bound
-prefill (M large) is not modelled: `tokens` sets M but the figure stays a bandwidth bound.
+sizes them; fp16 activations in and out.
+
+Activation and KV-cache choices are priced as what they change, next to the linears:
+
+    act "<linear>:act" in a format of b bits (scales included), K input channels:
+        seconds = M·K·2·b/8 / bandwidth + launch
+    a separate quantize kernel reads the fp16 activation and writes codes (M·K·b/8), which
+    the GEMM then reads in place of the fp16 activation: an upper bound where the quantize
+    fuses into the preceding norm (q/k/v, gate/up), which saves bytes instead; float: 0.
+
+    kv "<attention>:kv" in a format of b bits (float: the fp16 cache), W = K and V elements
+    per token (every KV head), `context` cached tokens:
+        seconds = M·context·W·b/8 / bandwidth
+    what each decode step reads of the cache; `context` 0 (the default) prices every KV
+    choice at 0, which leaves them to the size budget alone.
+
+Compute-bound prefill (M large) is not modelled: `tokens` sets M but the figure stays a
+bandwidth bound, so an int8 activation never pays for itself here.
 """
 
 from __future__ import annotations
@@ -60,18 +74,32 @@ class BandwidthModel:
     launch: float = 3e-6        # seconds per kernel launch
     tokens: int = 1             # M: rows of activations per call
     act_bytes: int = 2          # bytes per activation element in and out (fp16)
+    context: int = 0            # KV-cache tokens each step reads (0: KV choices cost nothing)
 
     def __post_init__(self) -> None:
-        for name in ("bandwidth", "launch", "tokens", "act_bytes"):
+        for name in ("bandwidth", "launch", "tokens", "act_bytes", "context"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                    and (value > 0 or (name == "launch" and value == 0))):
-                raise ValueError(f"BandwidthModel: {name} must be a positive number, got {value!r}")
+                    and (value > 0 or (name in ("launch", "context") and value == 0))):
+                zero = " or 0" if name in ("launch", "context") else ""
+                raise ValueError(f"BandwidthModel: {name} must be a positive number{zero}, got {value!r}")
 
     def seconds(self, choice: Any, shape: tuple[int, ...] | None) -> float:
-        """Predicted seconds of the linear whose weight is `shape` ([N, K]) in `choice`'s
-        format (`choice.bytes`, `choice.outliers`); 0 for a choice without weight elements
-        (activations, KV cache)."""
+        """Predicted seconds of `choice` (see the module docstring): for a weight, of the
+        linear whose weight is `shape` ([N, K]) in `choice`'s format (`choice.bytes`,
+        `choice.outliers`); for an activation ("...:act", `shape` (K,)) or a KV cache
+        ("...:kv", `shape` (W,): K and V elements per token), what its format adds."""
+        kind = choice.tensor.rpartition(":")[2]
+        if kind in ("act", "kv"):
+            if (kind == "act" and choice.fmt is None) or (kind == "kv" and not self.context):
+                return 0.0
+            if shape is None or len(shape) != 1:
+                what = "input channels (K,)" if kind == "act" else "K and V elements per token (W,)"
+                raise ValueError(f"BandwidthModel: {choice.tensor} needs its {what}, got {shape!r}")
+            if kind == "act":
+                return self.tokens * shape[0] * 2 * choice.bits / 8 / self.bandwidth + self.launch
+            bits = 8 * self.act_bytes if choice.fmt is None else choice.bits  # a float cache is fp16
+            return self.tokens * self.context * shape[0] * bits / 8 / self.bandwidth
         if not choice.numel:
             return 0.0
         if shape is None or len(shape) != 2:
@@ -86,8 +114,9 @@ class BandwidthModel:
 
     def describe(self) -> str:
         return (f"bandwidth model (an estimate, not measured): {self.bandwidth / 1e12:g} TB/s, "
-                f"{self.launch * 1e6:g} µs per launch, {self.tokens} token(s) per call")
+                f"{self.launch * 1e6:g} µs per launch, {self.tokens} token(s) per call"
+                + (f", {self.context} cached tokens read per step" if self.context else ""))
 
     def to_dict(self) -> dict:
         return {"model": "bandwidth", "measured": False, "bandwidth": self.bandwidth, "launch": self.launch,
-                "tokens": self.tokens, "act_bytes": self.act_bytes}
+                "tokens": self.tokens, "act_bytes": self.act_bytes, "context": self.context}

@@ -30,6 +30,11 @@ def fake_measure(monkeypatch):
     calls = []
     seed = int(torch.randint(0, 2**31 - 1, ()))
 
+    def bits(t, c):
+        if t.kind == "weight":
+            return sensitivity.candidate_size(c, t.shape)[1]
+        return 32.0 if c.fmt is None else float(c.fmt.effective_bits(t.k))
+
     def measure(model, candidates, calibration, *, objective="kl", tensors=("weight",), progress=True,
                 example_inputs=None, quantizer="rtn"):
         calls.append({"candidates": candidates, "calibration": calibration, "objective": objective, "tensors": tensors})
@@ -42,8 +47,7 @@ def fake_measure(monkeypatch):
         errors = {}
         for t, cands in plan.items():
             scale = float(torch.rand((), generator=gen)) + 0.01
-            errors[t] = [scale * 2.0 ** -sensitivity.candidate_size(c, t.shape)[1] * float(torch.rand((), generator=gen) + 0.5)
-                         for c in cands]
+            errors[t] = [scale * 2.0 ** -bits(t, c) * float(torch.rand((), generator=gen) + 0.5) for c in cands]
         indices = sensitivity._indices(graph, plan)
         return sensitivity.Sensitivity(sensitivity._choices(plan, errors, indices), objective=objective, tokens=48,
                                        seconds=0.5, indices=indices)
@@ -291,11 +295,52 @@ def test_latency_budget_prices_each_linear_and_binds(tiny_llama, fake_measure, t
     assert notes["predicted_error"] == pytest.approx(total_error(best), rel=1e-9)
     assert notes["predicted_error"] > free.notes["allocation"]["predicted_error"]  # the latency budget binds
     text = plan.explain(tiny_llama)
-    assert "of linears' time" in text and "bandwidth model (an estimate, not measured)" in text
+    assert "of predicted latency" in text and "bandwidth model (an estimate, not measured)" in text
     plan.to_json(tmp_path / "plan.json")
     assert mxc.Plan.from_json(tmp_path / "plan.json").notes == plan.notes
     alone = mxc.Plan.auto(tiny_llama, None, calibration=cal, latency=f"{budget * 1e3}ms", cost=slow)
     assert alone.notes["allocation"]["latency"]["predicted_seconds"] <= budget * (1 + 1e-9)
+
+
+def test_latency_budget_prices_kv_reads_and_activation_quantizes(tiny_llama, fake_measure):
+    """With KV and activation candidates and a context, each KV choice costs its cache's reads
+    (W = k_proj + v_proj outputs per token) and each quantized activation its quantize pass;
+    without a latency budget both stay float (least error), under one below the float KV
+    caches' reads the plan quantizes KV caches, at the optimum of the independently priced
+    choices, and the attention rules carry the chosen formats."""
+    from mxc.cost import BandwidthModel
+
+    cal = batches()
+    candidates = {"lm_head:weight": [], "weight": ["int4<asym,g32>", "int8<sym,channel>"],
+                  "act": [None, "int8<sym,token>"], "kv": [None, "int4<sym,token>", "int8<sym,token>"]}
+    cost = BandwidthModel(bandwidth=1e9, launch=1e-7, context=4096)
+    free = mxc.Plan.auto(tiny_llama, 8.5, candidates=candidates, calibration=cal)
+    measured = sensitivity.measure(tiny_llama, candidates, cal, tensors=("weight", "act", "kv"))
+    assert {t.rpartition(":")[2] for t in measured} == {"weight", "act", "kv"}
+    assert all(free.notes["allocation"]["tensors"][t]["chosen"] == "float" for t in measured if not t.endswith(":weight"))
+    attn = [p for p, m in tiny_llama.named_modules() if p.endswith("self_attn")]
+    width = 2 * tiny_llama.config.num_key_value_heads * (tiny_llama.config.hidden_size // tiny_llama.config.num_attention_heads)
+
+    def shape(t):
+        path, _, what = t.rpartition(":")
+        w = tiny_llama.get_submodule(path).weight if what != "kv" else None
+        return tuple(w.shape) if what == "weight" else (w.shape[1],) if what == "act" else (width,)
+
+    priced = {t: [Choice(**{**c.__dict__, "seconds": cost.seconds(c, shape(t))}) for c in row] for t, row in measured.items()}
+    kv_float = sum(row[0].seconds for t, row in priced.items() if t.endswith(":kv"))
+    assert kv_float == pytest.approx(len(attn) * 4096 * width * 2 / 1e9, rel=1e-12)  # fp16 cache reads
+    at_free = sum(c.seconds for c in solve(priced, budget_bits=8.5).values())
+    budget = at_free - 0.5 * kv_float
+    plan = mxc.Plan.auto(tiny_llama, 8.5, candidates=candidates, calibration=cal, latency=budget, cost=cost)
+    notes = plan.notes["allocation"]
+    best = solve(priced, budget_bits=8.5, budget_seconds=budget)
+    assert notes["predicted_error"] == pytest.approx(total_error(best), rel=1e-9)
+    assert notes["latency"]["predicted_seconds"] <= budget and notes["latency"]["cost"]["context"] == 4096
+    kv = {t: notes["tensors"][t]["chosen"] for t in measured if t.endswith(":kv")}
+    assert any(f != "float" for f in kv.values())  # the budget is met by quantizing KV caches
+    for t, f in kv.items():
+        rule = plan.rule_for(t.rpartition(":")[0], op="attention")
+        assert (str(rule.kv) if rule.kv is not None else "float") == f
 
 
 def test_latency_budget_errors_name_what_was_expected(tiny_llama, fake_measure):
