@@ -121,7 +121,13 @@ class Bench:
         from mxc import sensitivity
 
         if path.exists() and not self.args.fresh:
-            return sensitivity.Sensitivity.from_dict(json.loads(path.read_text()))
+            got = sensitivity.Sensitivity.from_dict(json.loads(path.read_text()))
+            have = {str(sensitivity.Candidate(c.fmt, c.outliers)) for row in got.values() for c in row}
+            want = {str(sensitivity.Candidate.parse(c)) for c in self.args.candidates}
+            if have != want:
+                raise SystemExit(f"{path} measured the candidates {sorted(have)}, not --candidates {sorted(want)}: "
+                                 "pass --fresh to measure again, or another --cache")
+            return got
         got = sensitivity.measure(self.model, {"lm_head:weight": [], "weight": self.args.candidates}, self.sens_windows,
                                   quantizer=self.args.method, hessian_calibration=self.calibration)
         path.write_text(json.dumps(got.to_dict(), indent=1))
