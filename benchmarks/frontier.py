@@ -251,8 +251,10 @@ def main() -> None:
     ap.add_argument("--candidates", nargs="+", default=CANDIDATES)
     ap.add_argument("--uniform", nargs="*", default=list(UNIFORM))
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 512 tokens")
-    ap.add_argument("--sens-windows", type=int, default=4, help="sensitivity windows")
-    ap.add_argument("--sens-len", type=int, default=128, help="tokens per sensitivity window")
+    # 2×512: at W4A16 g128's size the allocation carried over to the perplexity text better
+    # than from 4×128 or 8×128 tokens (benchmarks/RESULTS.md, "Scored text" probe)
+    ap.add_argument("--sens-windows", type=int, default=2, help="sensitivity windows")
+    ap.add_argument("--sens-len", type=int, default=512, help="tokens per sensitivity window")
     ap.add_argument("--method", default="gptq", choices=["rtn", "gptq"],
                     help="how every plan is compiled and every candidate measured")
     ap.add_argument("--threads", type=int, default=2)

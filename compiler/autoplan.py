@@ -86,7 +86,7 @@ def measured_kinds(candidates: Any) -> tuple[str, ...]:
 
 def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any = None, objective: str = "kl",
               *, progress: bool = True, example_inputs: Any = None, measured: Any = None, quantizer: str = "rtn",
-              latency: Any = None, cost: Any = None):
+              latency: Any = None, cost: Any = None, windows: tuple[int, int] | None = None):
     """The plan of least predicted error under `budget` (see the module docstring).
     `measured`: a `mxc.sensitivity.Sensitivity` measured before (e.g. once for several
     budgets); then nothing is measured and `candidates`, `calibration`, `objective` are unused.
@@ -94,7 +94,8 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
     `mxc.sensitivity`). `latency`: a latency budget too (seconds, or "0.4ms"), on the sum of
     each allocated tensor's time as `cost` predicts it (default `mxc.cost.BandwidthModel()`,
     an estimate: each linear, plus what quantizing an activation or the KV cache adds);
-    `budget` may then be None (latency alone)."""
+    `budget` may then be None (latency alone). `windows`: (count, tokens) of the held-out text
+    a tokenizer gives the measurement (`mxc.sensitivity.measure`)."""
     from . import sensitivity
     from .cost import BandwidthModel, parse_latency
     from .passes.allocate import (BudgetError, LatencyBudgetError, average_bits, show_seconds, solve, total_bytes,
@@ -109,7 +110,7 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
         raise ValueError("auto_plan: a cost model prices a latency budget; pass latency= with cost=")
     cost = BandwidthModel() if cost is None and latency is not None else cost
     if measured is not None:
-        if candidates is not None or calibration is not None:
+        if candidates is not None or calibration is not None or windows is not None:
             raise ValueError("auto_plan: pass either a measured sensitivity or candidates and calibration to measure, "
                              "not both")
         objective = getattr(measured, "objective", objective)
@@ -120,7 +121,7 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
         candidates = DEFAULT_CANDIDATES if candidates is None else candidates
         measured = sensitivity.measure(model, candidates, calibration, objective=objective, progress=progress,
                                        tensors=measured_kinds(candidates), example_inputs=example_inputs,
-                                       quantizer=quantizer)
+                                       quantizer=quantizer, **({"windows": windows} if windows is not None else {}))
     if not measured:
         raise ValueError(f"no tensor of the model matches the candidates {candidates!r}")
     fixed = getattr(measured, "float_bytes", None)

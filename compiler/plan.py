@@ -258,7 +258,8 @@ class Plan:
     @staticmethod
     def auto(model: Any, budget: Any, candidates: Any = None, calibration: Any = None, objective: str = "kl",
              *, progress: bool = True, example_inputs: Any = None, measured: Any = None,
-             quantizer: str = "rtn", latency: Any = None, cost: Any = None) -> "Plan":
+             quantizer: str = "rtn", latency: Any = None, cost: Any = None,
+             windows: tuple[int, int] | None = None) -> "Plan":
         """The plan of least predicted error under `budget`: average bits per weight (3.5,
         "3.5bits") or model bytes ("90MB"). Measures each candidate format's effect on the
         model alone (`mxc.sensitivity.measure`, objective "kl", "ce" or "proxy", on
@@ -272,6 +273,8 @@ class Plan:
         `latency`: also a latency budget (seconds, or text "0.4ms") on the linears' summed
         time as `cost` predicts it (default `mxc.cost.BandwidthModel()`: an estimate from
         bytes moved, no measured kernel table exists yet); `budget` may be None then.
+        `windows`: (count, tokens) of the held-out text a tokenizer gives the measurement
+        (default `mxc.sensitivity.WINDOWS`); more costs time and carries over better.
 
             plan = Plan.auto(model, 3.5, calibration=tokenizer)
             print(plan.explain())   # the rule per layer, and each candidate's error
@@ -280,7 +283,7 @@ class Plan:
 
         return auto_plan(model, budget, candidates, calibration, objective, progress=progress,
                          example_inputs=example_inputs, measured=measured, quantizer=quantizer, latency=latency,
-                         cost=cost)
+                         cost=cost, windows=windows)
 
     @staticmethod
     def coerce(plan: "Plan | str | dict | os.PathLike") -> "Plan":

@@ -218,6 +218,7 @@ def measure(
     example_inputs: Any = None,
     quantizer: str = "rtn",
     hessian_calibration: Any = None,
+    windows: tuple[int, int] | None = None,
 ) -> Sensitivity:
     """Each tensor's `Choice`s: one per candidate, with its measured `error` (see the module
     docstring). `model`: a torch module, captured here as `mxc.compile` does.
@@ -233,7 +234,9 @@ def measure(
     (weights; see the module docstring). `hessian_calibration`: the compile's calibration
     data (same kinds as `calibration`), whose Hessians GPTQ uses and whose abs-max ranks
     outlier channels, as in the compile; default: the compile's windows of a tokenizer, else
-    `calibration` itself (then GPTQ is scored on the text it was fitted to)."""
+    `calibration` itself (then GPTQ is scored on the text it was fitted to). `windows`:
+    (count, tokens) of the held-out windows a tokenizer gives (default `WINDOWS`): more text
+    costs time but carries over better to other text (benchmarks/RESULTS.md)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown sensitivity objective {objective!r}; expected one of {', '.join(OBJECTIVES)}")
     if quantizer not in QUANTIZERS:
@@ -244,7 +247,7 @@ def measure(
     if objective == "proxy" and set(tensors) != {"weight"}:
         raise ValueError("the proxy objective (Hessian-weighted output error) covers weights only: tensors=('weight',)")
     start = time.perf_counter()
-    graph, batches, ids, stats_batches = _prepare(model, calibration, example_inputs, hessian_calibration)
+    graph, batches, ids, stats_batches = _prepare(model, calibration, example_inputs, hessian_calibration, windows)
     plan = {t: formats_for(candidates, t) for t in targets(graph, tensors)}
     plan = {t: cands for t, cands in plan.items() if cands}
     outliers = any(c.outliers for cands in plan.values() for c in cands)
@@ -280,15 +283,18 @@ def measure(
                        seconds=time.perf_counter() - start, quantizer=quantizer, indices=indices, float_bytes=fixed)
 
 
-def prepare(model: Any, calibration: Any, example_inputs: Any = None) -> tuple[Graph, list[list[torch.Tensor]], list[torch.Tensor]]:
+def prepare(model: Any, calibration: Any, example_inputs: Any = None,
+            windows: tuple[int, int] | None = None) -> tuple[Graph, list[list[torch.Tensor]], list[torch.Tensor]]:
     """The canonical float graph of `model` (captured as `mxc.compile` does), the scored
     calibration batches as graph inputs (sequences of one shape stacked up to
-    `BATCH_TOKENS`; a tokenizer's held-out `WINDOWS`), and each batch's token ids."""
-    graph, batches, ids, _ = _prepare(model, calibration, example_inputs)
+    `BATCH_TOKENS`; a tokenizer's held-out `windows`, default `WINDOWS`), and each batch's
+    token ids."""
+    graph, batches, ids, _ = _prepare(model, calibration, example_inputs, None, windows)
     return graph, batches, ids
 
 
-def _prepare(model: Any, calibration: Any, example_inputs: Any = None, stats: Any = None):
+def _prepare(model: Any, calibration: Any, example_inputs: Any = None, stats: Any = None,
+             windows: tuple[int, int] | None = None):
     """`prepare`'s graph, batches and ids, and the graph inputs of the calibration data that
     statistics (Hessians, abs-max) come from: `stats`, else for a tokenizer the compile's
     windows (the scored ones are then held out from them), else the scored batches."""
@@ -300,11 +306,20 @@ def _prepare(model: Any, calibration: Any, example_inputs: Any = None, stats: An
         raise ValueError("sensitivity is measured on calibration text: pass calibration=tokenizer or token-id batches")
     if isinstance(model, Graph):
         raise TypeError("measure needs the model (its call signature binds the calibration batches), not a graph")
-    if not isinstance(calibration, (list, tuple)):  # a tokenizer: scored text held out from the compile's
+    if isinstance(calibration, (list, tuple)):
+        if windows is not None:
+            raise ValueError(f"windows={windows!r} sizes the text a tokenizer gives; calibration is "
+                             f"{len(calibration)} token-id batches, which are scored as given")
+    else:  # a tokenizer: scored text held out from the compile's
+        shape = WINDOWS if windows is None else windows
+        if not (isinstance(shape, (tuple, list)) and len(shape) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+            raise ValueError(f"windows must be (count, tokens per window), two positive ints, got {windows!r}")
+        count, tokens = shape
         n, seq_len = CALIBRATION_WINDOWS
         if stats is None:
             stats = text_batches(calibration, n=n, seq_len=seq_len)
-        calibration = text_batches(calibration, n=WINDOWS[0], seq_len=WINDOWS[1], skip=n * seq_len)
+        calibration = text_batches(calibration, n=count, seq_len=tokens, skip=n * seq_len)
     captured = capture(model, example_inputs)
     graph = run_pipeline(captured.graph, ["canonicalize"]).graph
     inputs = calibration_inputs(calibration, captured.call_spec)

@@ -36,8 +36,9 @@ def fake_measure(monkeypatch):
         return 32.0 if c.fmt is None else float(c.fmt.effective_bits(t.k))
 
     def measure(model, candidates, calibration, *, objective="kl", tensors=("weight",), progress=True,
-                example_inputs=None, quantizer="rtn"):
-        calls.append({"candidates": candidates, "calibration": calibration, "objective": objective, "tensors": tensors})
+                example_inputs=None, quantizer="rtn", windows=None):
+        calls.append({"candidates": candidates, "calibration": calibration, "objective": objective, "tensors": tensors,
+                      "windows": windows})
         if id(model) not in _GRAPHS:
             _GRAPHS[id(model)] = run_pipeline(capture(model).graph, ["canonicalize"]).graph
         graph = _GRAPHS[id(model)]
@@ -341,6 +342,15 @@ def test_latency_budget_prices_kv_reads_and_activation_quantizes(tiny_llama, fak
     for t, f in kv.items():
         rule = plan.rule_for(t.rpartition(":")[0], op="attention")
         assert (str(rule.kv) if rule.kv is not None else "float") == f
+
+
+def test_windows_size_the_measured_text_and_not_a_saved_measurement(tiny_llama, fake_measure):
+    cal = batches()
+    plan = mxc.Plan.auto(tiny_llama, 4.0, calibration=cal, windows=(3, 256))
+    assert fake_measure[-1]["windows"] == (3, 256) and plan.notes["allocation"]["average_bits"] <= 4.0
+    measured = sensitivity.measure(tiny_llama, CANDIDATES, cal)
+    with pytest.raises(ValueError, match="pass either a measured sensitivity or candidates and calibration"):
+        mxc.Plan.auto(tiny_llama, 4.0, measured=measured, windows=(3, 256))
 
 
 def test_latency_budget_errors_name_what_was_expected(tiny_llama, fake_measure):

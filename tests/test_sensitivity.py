@@ -289,6 +289,13 @@ def test_a_tokenizer_scores_text_held_out_from_the_compiles_calibration(tiny_lla
     end = len(everything) - cal_n * cal_seq
     assert torch.cat(ids).reshape(-1).tolist() == everything[end - n * seq:end]
     assert torch.stack(text_batches(tok, n=cal_n, seq_len=cal_seq)).reshape(-1).tolist() == everything[end:]
+    # `windows` sizes that text: 3 windows of 20 tokens, just before the compile's
+    _, _, more = sensitivity.prepare(tiny_llama, tok, windows=(3, 20))
+    assert torch.cat(more).reshape(-1).tolist() == everything[end - 60:end]
+    with pytest.raises(ValueError, match=r"windows must be \(count, tokens per window\), two positive ints, got \(3, 0\)"):
+        sensitivity.prepare(tiny_llama, tok, windows=(3, 0))
+    with pytest.raises(ValueError, match="sizes the text a tokenizer gives; calibration is 2 token-id batches"):
+        sensitivity.prepare(tiny_llama, [torch.randint(0, 131, (16,)) for _ in range(2)], windows=(3, 20))
     with pytest.raises(ValueError, match="skip must be a count"):
         text_batches(tok, n=1, seq_len=8, skip=-1)
     with pytest.raises(ValueError, match=f"after the last {len(everything)} are left out"):
