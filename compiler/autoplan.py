@@ -111,8 +111,8 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
     cost = BandwidthModel() if cost is None and latency is not None else cost
     if measured is not None:
         if candidates is not None or calibration is not None or windows is not None:
-            raise ValueError("auto_plan: pass either a measured sensitivity or candidates and calibration to measure, "
-                             "not both")
+            raise ValueError("auto_plan: pass either a measured sensitivity or candidates and calibration (and "
+                             "windows) to measure, not both")
         objective = getattr(measured, "objective", objective)
     elif calibration is None:
         raise ValueError(f"an automatic plan (budget {budget!r}) is allocated from sensitivity measured on calibration "
@@ -121,7 +121,7 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
         candidates = DEFAULT_CANDIDATES if candidates is None else candidates
         measured = sensitivity.measure(model, candidates, calibration, objective=objective, progress=progress,
                                        tensors=measured_kinds(candidates), example_inputs=example_inputs,
-                                       quantizer=quantizer, **({"windows": windows} if windows is not None else {}))
+                                       quantizer=quantizer, windows=windows)
     if not measured:
         raise ValueError(f"no tensor of the model matches the candidates {candidates!r}")
     fixed = getattr(measured, "float_bytes", None)
@@ -218,10 +218,12 @@ _KV_PROJECTIONS = (("k_proj", "v_proj"), ("key", "value"))
 def _kv_width(attention: Any) -> tuple[int] | None:
     """(W,): the K and V elements per token that `attention`'s KV cache holds (the output
     features of its key and value projections); None where it has no such linears."""
+    import torch
+
     for names in _KV_PROJECTIONS:
         linears = [getattr(attention, n, None) for n in names]
-        if all(hasattr(m, "weight") and getattr(m.weight, "dim", lambda: 0)() == 2 for m in linears):
-            return (sum(int(m.weight.shape[0]) for m in linears),)
+        if all(isinstance(m, torch.nn.Linear) for m in linears):
+            return (sum(m.out_features for m in linears),)
     return None
 
 

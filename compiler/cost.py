@@ -90,16 +90,17 @@ class BandwidthModel:
         `choice.outliers`); for an activation ("...:act", `shape` (K,)) or a KV cache
         ("...:kv", `shape` (W,): K and V elements per token), what its format adds."""
         kind = choice.tensor.rpartition(":")[2]
-        if kind in ("act", "kv"):
-            if (kind == "act" and choice.fmt is None) or (kind == "kv" and not self.context):
+        if kind == "act":
+            if choice.fmt is None:
                 return 0.0
-            if shape is None or len(shape) != 1:
-                what = "input channels (K,)" if kind == "act" else "K and V elements per token (W,)"
-                raise ValueError(f"BandwidthModel: {choice.tensor} needs its {what}, got {shape!r}")
-            if kind == "act":
-                return self.tokens * shape[0] * 2 * choice.bits / 8 / self.bandwidth + self.launch
+            (k,) = self._vector(choice, shape, "input channels (K,)")
+            return self.tokens * k * 2 * choice.bits / 8 / self.bandwidth + self.launch
+        if kind == "kv":
+            if not self.context:
+                return 0.0
+            (w,) = self._vector(choice, shape, "K and V elements per token (W,)")
             bits = 8 * self.act_bytes if choice.fmt is None else choice.bits  # a float cache is fp16
-            return self.tokens * self.context * shape[0] * bits / 8 / self.bandwidth
+            return self.tokens * self.context * w * bits / 8 / self.bandwidth
         if not choice.numel:
             return 0.0
         if shape is None or len(shape) != 2:
@@ -111,6 +112,12 @@ class BandwidthModel:
             moved += self.tokens * (2 * k + n) * self.act_bytes
             launches = 2
         return moved / self.bandwidth + launches * self.launch
+
+    @staticmethod
+    def _vector(choice: Any, shape: tuple[int, ...] | None, what: str) -> tuple[int]:
+        if shape is None or len(shape) != 1:
+            raise ValueError(f"BandwidthModel: {choice.tensor} needs its {what}, got {shape!r}")
+        return shape
 
     def describe(self) -> str:
         return (f"bandwidth model (an estimate, not measured): {self.bandwidth / 1e12:g} TB/s, "
