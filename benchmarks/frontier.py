@@ -11,6 +11,8 @@ model can be trusted.
    from the compile's calibration windows (`mxc.sensitivity.measure`), each candidate
    quantized as the plans will be compiled: `--method gptq` (default): clipping search +
    GPTQ on Hessians from the compile's calibration text; `--method rtn`: round to nearest.
+   `--objective fisher` estimates that KL to second order from one backward per window
+   instead (`mxc.sensitivity`, objective "fisher"), which affords far more text.
    Saved as JSON in `--cache` and reused by later runs.
 2. Uniform plans (`UNIFORM`: one candidate for every linear but lm_head, with and without
    outlier channels) and automatic plans (`Plan.auto(model, budget, measured=...)` per
@@ -19,7 +21,8 @@ model can be trusted.
    the text: `--method gptq`: GPTQ + clipping search; `--method rtn`: round to nearest (the
    calibration data then only ranks outlier channels). Each gets its size, its perplexity
    over `--windows`×512 tokens from the start of the text, and its measured KL against
-   float on the sensitivity windows. Rows are cached in `--cache` too: a rerun continues
+   float on the first `--kl-windows` sensitivity windows (default: all of them; 2 for
+   `--objective fisher`). Rows are cached in `--cache` too: a rerun continues
    where the last one stopped (`--fresh` starts over).
 3. Additivity: for every automatic plan, the predicted KL (the sum of its tensors' measured
    errors: what the solver minimises) against the KL the compiled plan measures on the same
@@ -113,8 +116,9 @@ class Bench:
         self.calibration = text_batches(self.tok, n=n, seq_len=seq_len)  # what the compile calibrates on
         # scored text held out from it: GPTQ is fitted to the calibration windows
         self.sens_windows = text_batches(self.tok, n=args.sens_windows, seq_len=args.sens_len, skip=n * seq_len)
+        self.kl_windows = self.sens_windows[:args.kl_windows]  # the text each plan's KL is measured on
         with torch.no_grad():
-            self.float_logp = self.model(input_ids=torch.stack(self.sens_windows)).logits.double().log_softmax(-1)
+            self.float_logp = self.model(input_ids=torch.stack(self.kl_windows)).logits.double().log_softmax(-1)
         self.float_ppl = mxc.eval.perplexity(self.model, self.tok, windows=args.windows)
 
     def sensitivity(self, path: Path):
@@ -129,7 +133,8 @@ class Bench:
                                  "pass --fresh to measure again, or another --cache")
             return got
         got = sensitivity.measure(self.model, {"lm_head:weight": [], "weight": self.args.candidates}, self.sens_windows,
-                                  quantizer=self.args.method, hessian_calibration=self.calibration)
+                                  objective=self.args.objective, quantizer=self.args.method,
+                                  hessian_calibration=self.calibration)
         path.write_text(json.dumps(got.to_dict(), indent=1))
         return got
 
@@ -147,7 +152,7 @@ class Bench:
         seconds = time.perf_counter() - start
         report = compiled.report()
         ppl = mxc.eval.perplexity(compiled, self.tok, windows=self.args.windows)
-        logp = compiled(torch.stack(self.sens_windows)).logits.double().log_softmax(-1)
+        logp = compiled(torch.stack(self.kl_windows)).logits.double().log_softmax(-1)
         kl = float(torch.nn.functional.kl_div(logp, self.float_logp, reduction="sum", log_target=True))
         kl /= self.float_logp.shape[0] * self.float_logp.shape[1]
         row = {"kind": kind, "label": label, "bits": report.avg_bits, "mb": report.weight_bytes / 1e6,
@@ -238,10 +243,10 @@ def command(args, ap: argparse.ArgumentParser) -> str:
     """The command line that measures these rows again: the options that differ from the
     parser's defaults, with the method and the sensitivity windows always named."""
     words = [f"--method {args.method}", f"--sens-windows {args.sens_windows}", f"--sens-len {args.sens_len}"]
-    for name in ("budgets", "uniform", "candidates", "windows"):
+    for name in ("objective", "kl_windows", "budgets", "uniform", "candidates", "windows"):
         value = getattr(args, name)
         if value != ap.get_default(name):
-            words.append(" ".join([f"--{name}", *map(shlex.quote, map(str, value if isinstance(value, list) else [value]))]))
+            words.append(" ".join([f"--{name.replace('_', '-')}", *map(shlex.quote, map(str, value if isinstance(value, list) else [value]))]))
     return " ".join(words)
 
 
@@ -255,6 +260,10 @@ def main() -> None:
     # than from 4×128 or 8×128 tokens (benchmarks/RESULTS.md, "Scored text" probe)
     ap.add_argument("--sens-windows", type=int, default=2, help="sensitivity windows")
     ap.add_argument("--sens-len", type=int, default=512, help="tokens per sensitivity window")
+    ap.add_argument("--objective", default="kl", choices=["kl", "fisher"],
+                    help="kl: measured per (weight, candidate); fisher: its second-order estimate")
+    ap.add_argument("--kl-windows", type=int, default=None,
+                    help="each plan's KL on this many sensitivity windows (default: all; 2 for fisher)")
     ap.add_argument("--method", default="gptq", choices=["rtn", "gptq"],
                     help="how every plan is compiled and every candidate measured")
     ap.add_argument("--threads", type=int, default=2)
@@ -264,6 +273,10 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the tables only")
     args = ap.parse_args()
     args.plot = args.plot or HERE / f"frontier-{args.method}.png"
+    if args.kl_windows is None:
+        args.kl_windows = 2 if args.objective == "fisher" else args.sens_windows
+    if not 0 < args.kl_windows <= args.sens_windows:
+        ap.error(f"--kl-windows must be 1 to --sens-windows ({args.sens_windows}), got {args.kl_windows}")
     for budget in args.budgets:  # a uniform plan's name sizes the budget: that plan is measured first
         if budget in UNIFORM and budget not in args.uniform:
             ap.error(f"budget {budget!r} is the size of a uniform plan, which --uniform must then list "
@@ -274,12 +287,13 @@ def main() -> None:
     import mxc
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.method}-heldout-{args.sens_windows}x{args.sens_len}-w{args.windows}"
-    rows_path = args.cache / f"frontier-rows-{tag}.json"
+    # the objective kl's files keep their earlier names
+    scored = f"{'' if args.objective == 'kl' else args.objective + '-'}heldout-{args.sens_windows}x{args.sens_len}"
+    kl_text = "" if args.kl_windows == args.sens_windows else f"-kl{args.kl_windows}"
+    rows_path = args.cache / f"frontier-rows-{args.method}-{scored}{kl_text}-w{args.windows}.json"
     done: dict[str, dict] = {} if args.fresh or not rows_path.exists() else json.loads(rows_path.read_text())
     bench = Bench(args)
-    measured = bench.sensitivity(
-        args.cache / f"sensitivity-smollm2-{args.method}-heldout-{args.sens_windows}x{args.sens_len}.json")
+    measured = bench.sensitivity(args.cache / f"sensitivity-smollm2-{args.method}-{scored}.json")
     print(measured.describe(), flush=True)
 
     def keep(key: str, row: dict) -> None:
@@ -314,7 +328,7 @@ def main() -> None:
         + ("GPTQ + clipping search on 8×512 calibration tokens" if args.method == "gptq" else
            "round to nearest (no clipping search; the 8×512 calibration tokens only rank outlier channels)")
         + f"; perplexity over {args.windows}×512 tokens "
-        f"(float: {fp:.3f}); KL against float on the {args.sens_windows}×{args.sens_len} sensitivity tokens. "
+        f"(float: {fp:.3f}); KL against float on {args.kl_windows}×{args.sens_len} of the sensitivity tokens. "
         f"Plot: `benchmarks/{args.plot.name}`.",
         "",
         "| plan | avg bits | size MB | perplexity | vs float | KL measured | KL predicted | formats chosen | compile s |",

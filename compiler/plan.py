@@ -262,7 +262,8 @@ class Plan:
              windows: tuple[int, int] | None = None) -> "Plan":
         """The plan of least predicted error under `budget`: average bits per weight (3.5,
         "3.5bits") or model bytes ("90MB"). Measures each candidate format's effect on the
-        model alone (`mxc.sensitivity.measure`, objective "kl", "ce" or "proxy", on
+        model alone (`mxc.sensitivity.measure`, objective "kl", "ce", "proxy" or "fisher":
+        the KL to second order, one backward per window, so far more text in the time; on
         `calibration`: a tokenizer or token-id tensors) and solves exactly
         (`mxc.passes.allocate.solve`). `candidates`: a list of formats for every linear's
         weight, or a dict by tensor kind or tensor-name glob (default
@@ -274,7 +275,8 @@ class Plan:
         time as `cost` predicts it (default `mxc.cost.BandwidthModel()`: an estimate from
         bytes moved, no measured kernel table exists yet); `budget` may be None then.
         `windows`: (count, tokens) of the held-out text a tokenizer gives the measurement
-        (default `mxc.sensitivity.WINDOWS`); more costs time and carries over better.
+        (default `mxc.sensitivity.WINDOWS`, for "fisher" `FISHER_WINDOWS`); more costs time
+        and carries over better.
 
             plan = Plan.auto(model, 3.5, calibration=tokenizer)
             print(plan.explain())   # the rule per layer, and each candidate's error

@@ -381,9 +381,12 @@ class Run:
         other.env = dict(self.env)
         return other
 
-    def advance(self, stop: int, observer: Observer | None = None) -> None:
+    def advance(self, stop: int, observer: Observer | None = None, *, grad: bool = False) -> None:
+        """Run the nodes up to body position `stop` (exclusive). `grad`: record autograd
+        history (an observer can put tensors that require grad in the operands; sensitivity's
+        Fisher estimate differentiates the logits through the run); by default none is kept."""
         ex, nodes = self.executor, self.executor.graph.nodes
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             for i in range(self.position, stop):
                 node = nodes[i]
                 operands = self.operands(node)

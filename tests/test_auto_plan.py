@@ -213,6 +213,28 @@ def test_end_to_end_real_sensitivity(tiny_llama_factory):
     assert {row["chosen"] for row in at_int8.notes["allocation"]["tensors"].values()} == {"int8<sym,channel>"}
 
 
+def test_fisher_objective_allocates_gptq_candidates_and_compiles(tiny_llama_factory):
+    """objective="fisher" (the KL to second order) with GPTQ candidates: a plan in budget,
+    recorded as such, whose errors fall as bits grow, and that compiles to its counted bytes."""
+    model = tiny_llama_factory(seed=int(torch.randint(0, 2**31 - 1, ())))
+    cal = batches(n=6, seq=40)
+    candidates = {"lm_head:weight": [], "weight": ["int2<asym,g32>", "int4<asym,g32>", "int8<sym,channel>"]}
+    plan = mxc.Plan.auto(model, 4.0, candidates=candidates, calibration=cal, objective="fisher", quantizer="gptq",
+                         progress=False)
+    allocation = plan.notes["allocation"]
+    assert (allocation["objective"], allocation["quantizer"]) == ("fisher", "gptq")
+    assert allocation["measured"]["tokens"] == 6 * 40
+    rows = allocation["tensors"]
+    assert sorted(t[:-7] for t in rows) == sorted(linear_weights(model))
+    assert all(row["candidates"][0]["error"] > row["candidates"][2]["error"] > 0 for row in rows.values())
+    assert len({row["chosen"] for row in rows.values()}) > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled = mxc.compile(model, plan, calibration=cal)
+    assert compiled.report().avg_bits <= 4.0
+    assert allocation["bytes"] == compiled.report().weight_bytes
+
+
 def test_a_saved_measurement_allocates_other_budgets_without_measuring(tiny_llama, fake_measure):
     """`Sensitivity.to_dict` → JSON → `from_dict` keeps every choice; `Plan.auto(measured=...)`
     measures nothing and gives the plan a fresh measurement would."""

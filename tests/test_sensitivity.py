@@ -139,6 +139,76 @@ def test_proxy_reports_its_rank_correlation(setup):
     assert "Spearman" in result.describe()
 
 
+@pytest.fixture(scope="module")
+def fisher_setup(tiny_llama_factory):
+    """A fresh float64 tiny Llama (float64, so that the graph's logits and eager torch's agree
+    to rounding and draw the same next tokens), 40 random windows, and the fisher estimate."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    model = tiny_llama_factory(seed=seed).double()
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, 131, (int(torch.randint(9, 30, (), generator=gen)),), generator=gen) for _ in range(40)]
+    result = sensitivity.measure(model, [None, *FORMATS[1:]], batches, objective="fisher", check=100, progress=False)
+    return model, batches, result
+
+
+def test_fisher_equals_an_eager_autograd_estimate(fisher_setup):
+    """Each error is Σ ⟨Q(W) − W, ∇_W log p(ŷ)⟩² / (2 · positions) over the windows, ŷ drawn
+    from the float model (seed `FISHER_SEED`, window after window), recomputed here with the
+    eager model's own autograd and rounding to nearest."""
+    model, batches, result = fisher_setup
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    weights = [model.get_submodule(n).weight for n in names]
+    gen = torch.Generator().manual_seed(sensitivity.FISHER_SEED)
+    squares = {n: torch.zeros(len(FORMATS) - 1, dtype=torch.float64) for n in names}
+    positions = 0
+    for ids in batches:
+        with torch.enable_grad():
+            for w in weights:
+                w.requires_grad_(True)
+            logp = F.log_softmax(model(ids[None]).logits[0].float(), -1)
+            drawn = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+            grads = torch.autograd.grad(logp.gather(1, drawn).sum(), weights)
+            for w in weights:
+                w.requires_grad_(False)
+        for n, w, g in zip(names, weights, grads):
+            s = torch.stack([((parse_format(f).fake(w.detach().float()) - w.float()) * g).sum() for f in FORMATS[1:]])
+            squares[n] += s.double() ** 2
+        positions += ids.numel()
+    assert sorted(result) == sorted(f"{n}:weight" for n in names) and result.objective == "fisher"
+    for n in names:
+        row = result[f"{n}:weight"]
+        assert row[0].error == 0.0 and row[0].fmt is None
+        want = (squares[n] / (2 * positions)).tolist()
+        assert [c.error for c in row[1:]] == pytest.approx(want, rel=2e-3), n
+        assert all(c.error > 0 for c in row[1:])
+
+
+def test_fisher_agrees_with_the_measured_kl_and_reports_its_correlation(fisher_setup):
+    """The second-order estimate is close to the KL where the change is small, and its rank
+    correlation with the KL measured on the checked tensors (the first `CHECK_TOKENS` tokens)
+    is what `correlation` says."""
+    model, batches, result = fisher_setup
+    assert result.checked == tuple(result)  # every tensor checked (check=100)
+    first, seen = [], 0
+    for b in batches:
+        if first and seen + b.numel() > sensitivity.CHECK_TOKENS:
+            break
+        first.append(b)
+        seen += b.numel()
+    measured = sensitivity.measure(model, [None, *FORMATS[1:]], first, progress=False)
+    est = [c.error for row in result.values() for c in row[1:]]
+    kl = [c.error for row in measured.values() for c in row[1:]]
+    assert result.correlation == pytest.approx(sensitivity.spearman(est, kl), abs=1e-12)
+    assert result.correlation > 0.9
+    assert "Spearman" in result.describe() and "fisher" in result.describe()
+    whole = sensitivity.measure(model, [None, *FORMATS[1:]], batches, progress=False)  # the KL on the same text
+    for i in range(len(FORMATS) - 1):  # summed over tensors, per format: the measured KL, up to the
+        # noise of 40 draws (0.76 to 1.36 over 12 seeds); a lost or doubled ½ would fail
+        a = sum(row[1 + i].error for row in result.values())
+        b = sum(row[1 + i].error for row in whole.values())
+        assert 0.6 < a / b < 1.6, (FORMATS[1 + i], a, b)
+
+
 def test_spearman_averages_ties_and_matches_pearson_of_ranks():
     a = torch.randn(40).tolist()
     assert sensitivity.spearman(a, [x**3 for x in a]) == pytest.approx(1.0)
@@ -159,6 +229,8 @@ def test_errors_name_what_is_wrong(tiny_llama):
         sensitivity.measure(tiny_llama, ["int4<sym,token>"], ids, progress=False)
     with pytest.raises(ValueError, match="weights only"):
         sensitivity.measure(tiny_llama, ["int4<sym,token>"], ids, objective="proxy", tensors=("act",))
+    with pytest.raises(ValueError, match="fisher.*weights only"):
+        sensitivity.measure(tiny_llama, ["int4<sym,token>"], ids, objective="fisher", tensors=("act",))
 
 
 def test_gptq_quantizer_equals_brute_force_compilation(setup):
