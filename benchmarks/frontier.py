@@ -57,9 +57,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
 #: "fmt+16": the layer's 16 input channels of largest activation abs-max kept in int8 (the
 #: reorder pass's outlier channels), the others in fmt.
-CANDIDATES = ["int2<asym,g64>", "int2<asym,g64>+16", "int3<asym,g128>", "int3<asym,g128>+16", "int3<asym,g32>",
-              "int4<asym,g128>", "int4<asym,g128>+16", "int4<asym,g32>", "int5<asym,g128>", "int6<asym,g128>",
-              "int8<sym,channel>"]
+#: The objective "fisher" prices a candidate at one GPTQ run per weight and a dot product
+#: per window, so the list is long: int2 to int8, group sizes 32 to 128, 16 or 32 outliers.
+CANDIDATES = ["int2<asym,g64>", "int2<asym,g64>+16", "int3<asym,g128>", "int3<asym,g128>+16", "int3<asym,g128>+32",
+              "int3<asym,g64>", "int3<asym,g64>+16", "int3<asym,g32>", "int4<asym,g128>", "int4<asym,g128>+16",
+              "int4<asym,g128>+32", "int4<asym,g64>", "int4<asym,g64>+16", "int4<asym,g32>", "int5<asym,g128>",
+              "int5<asym,g128>+16", "int6<asym,g128>", "int8<sym,channel>"]
 #: Uniform plans: name -> the candidate every linear but lm_head takes. The ":outliers=16"
 #: ones are uniform plans too (one format everywhere, each layer's 16 largest channels in
 #: int8): the automatic plans are held to them as well.
@@ -241,9 +244,12 @@ def plot(rows: list[dict], float_ppl: float, path: Path) -> None:
 
 def command(args, ap: argparse.ArgumentParser) -> str:
     """The command line that measures these rows again: the options that differ from the
-    parser's defaults, with the method and the sensitivity windows always named."""
-    words = [f"--method {args.method}", f"--sens-windows {args.sens_windows}", f"--sens-len {args.sens_len}"]
-    for name in ("objective", "kl_windows", "budgets", "uniform", "candidates", "windows"):
+    parser's defaults, with the method, the objective and the sensitivity windows always named."""
+    words = [f"--method {args.method}", f"--objective {args.objective}", f"--sens-windows {args.sens_windows}",
+             f"--sens-len {args.sens_len}"]
+    if args.kl_windows != (2 if args.objective == "fisher" else args.sens_windows):
+        words.append(f"--kl-windows {args.kl_windows}")
+    for name in ("budgets", "uniform", "candidates", "windows"):
         value = getattr(args, name)
         if value != ap.get_default(name):
             words.append(" ".join([f"--{name.replace('_', '-')}", *map(shlex.quote, map(str, value if isinstance(value, list) else [value]))]))
@@ -256,11 +262,13 @@ def main() -> None:
     ap.add_argument("--candidates", nargs="+", default=CANDIDATES)
     ap.add_argument("--uniform", nargs="*", default=list(UNIFORM))
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 512 tokens")
-    # 2×512: at W4A16 g128's size the allocation carried over to the perplexity text better
-    # than from 4×128 or 8×128 tokens (benchmarks/RESULTS.md, "Scored text" probe)
-    ap.add_argument("--sens-windows", type=int, default=2, help="sensitivity windows")
+    # objective kl: 2×512 carried over better than 4×128 or 8×128 tokens (benchmarks/RESULTS.md,
+    # "Scored text" probe)
+    ap.add_argument("--sens-windows", type=int, default=None, help="sensitivity windows (default: 64 for fisher, 2 for kl)")
     ap.add_argument("--sens-len", type=int, default=512, help="tokens per sensitivity window")
-    ap.add_argument("--objective", default="kl", choices=["kl", "fisher"],
+    # fisher on 64×512 tokens: at W4A16 g128's size its allocation carried over to the
+    # perplexity text better than the KL measured on 2×512 (benchmarks/RESULTS.md)
+    ap.add_argument("--objective", default="fisher", choices=["kl", "fisher"],
                     help="kl: measured per (weight, candidate); fisher: its second-order estimate")
     ap.add_argument("--kl-windows", type=int, default=None,
                     help="each plan's KL on this many sensitivity windows (default: all; 2 for fisher)")
@@ -273,6 +281,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print the tables only")
     args = ap.parse_args()
     args.plot = args.plot or HERE / f"frontier-{args.method}.png"
+    if args.sens_windows is None:
+        args.sens_windows = 64 if args.objective == "fisher" else 2
     if args.kl_windows is None:
         args.kl_windows = 2 if args.objective == "fisher" else args.sens_windows
     if not 0 < args.kl_windows <= args.sens_windows:

@@ -3,6 +3,7 @@ formats, KL of the logits on real calibration text (issue 6's goal: at most 10 m
 CPU cores).
 
     python benchmarks/sensitivity.py [--sequences 2] [--seq-len 128] [--threads 2] [--objective kl]
+    python benchmarks/sensitivity.py --objective fisher --sequences 64 --seq-len 512
 
 Calibration windows come from the end of `mxc.eval.default_text()` (as `mxc.compile` cuts
 them). Prints the wall time of `mxc.sensitivity.measure` (capture included, model loading
@@ -28,7 +29,7 @@ def main() -> None:
     ap.add_argument("--sequences", type=int, default=2, help="calibration windows")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per window")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    ap.add_argument("--objective", default="kl", choices=["kl", "ce", "proxy"])
+    ap.add_argument("--objective", default="kl", choices=["kl", "ce", "proxy", "fisher"])
     ap.add_argument("--candidates", nargs="+", default=CANDIDATES)
     args = ap.parse_args()
 

@@ -786,27 +786,27 @@ def _chunks(n: int) -> list[slice]:
 
 
 def ranks(x: Sequence[float]) -> torch.Tensor:
-    """1-based ranks of `x` (float64), ties given the mean of the ranks they span."""
-    v = torch.as_tensor(list(x), dtype=torch.float64)
-    order = torch.argsort(v, stable=True)
-    r = torch.empty_like(v)
-    r[order] = torch.arange(1, len(v) + 1, dtype=torch.float64)
-    for value in torch.unique(v):
-        tied = v == value
-        if int(tied.sum()) > 1:
-            r[tied] = r[tied].mean()
-    return r
+    """1-based ranks of `x` (float64), ties given the mean of the ranks they span
+    (`scipy.stats.rankdata`)."""
+    from scipy.stats import rankdata
+
+    return torch.as_tensor(rankdata(list(x), method="average"), dtype=torch.float64)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman's rank correlation of `a` and `b`: the Pearson correlation of their ranks
-    (ties averaged); NaN when either is constant."""
+    """Spearman's rank correlation of `a` and `b` (`scipy.stats.spearmanr`: the Pearson
+    correlation of their ranks, ties averaged); NaN when either is constant."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
     if len(a) != len(b):
         raise ValueError(f"spearman: {len(a)} values against {len(b)}")
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = math.sqrt(float((ra * ra).sum()) * float((rb * rb).sum()))
-    return float((ra * rb).sum()) / den if den > 0 else float("nan")
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(spearmanr(list(a), list(b)).statistic)
 
 
 def _evenly(items: list, n: int) -> list:
