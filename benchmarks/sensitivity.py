@@ -56,7 +56,7 @@ def main() -> None:
     when = datetime.date.today().isoformat()
     machine = f"{platform.machine()}, {args.threads} threads of {os.cpu_count()} CPUs, torch {torch.__version__}"
     print(f"| {when} | sensitivity ({args.objective}) SmolLM2-135M | {len(result)} tensors × {len(args.candidates)} "
-          f"formats ({runs} runs) | {args.sequences}×{args.seq_len} tokens | {seconds:.0f} s | {machine} |")
+          f"formats ({runs} {'estimates' if args.objective == 'fisher' else 'runs'}) | {args.sequences}×{args.seq_len} tokens | {seconds:.0f} s | {machine} |")
 
 
 if __name__ == "__main__":

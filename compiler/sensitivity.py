@@ -22,8 +22,8 @@ quantized, on real calibration text:
   from the float model's own distributions at every position (`fisher_errors`). One forward
   and one backward per window serve every tensor and candidate (a dot product each), so it
   scores far more text in the time the measured KL takes for a little: a tokenizer gives
-  `FISHER_WINDOWS` (64 × 512 tokens). Its units are the KL's (nats/token), and on SmolLM2 it
-  agrees with the measured KL to a few percent (benchmarks/RESULTS.md); as for "proxy", the
+  `FISHER_WINDOWS` (64 × 512 tokens). Its units are the KL's (nats/token); on SmolLM2 its
+  sum per candidate is within 5% of the measured KL's (benchmarks/RESULTS.md). As for "proxy", the
   KL is measured on `check` tensors (on the first `CHECK_TOKENS` tokens) and the rank
   correlation kept as `result.correlation`. Weights only. It costs the candidates' weight
   differences in memory (2 bytes per weight per candidate).
@@ -87,8 +87,9 @@ SCORE_ROWS = 256
 #: correlation with it.
 PROXY_CHECK = 16
 #: Objective "fisher": the held-out text a tokenizer gives, (count, tokens) windows. One
-#: forward and one backward per window; on SmolLM2 the estimate from 64 windows ranks
-#: (tensor, candidate) pairs as the KL measured on 2 × 512 tokens does to Spearman 0.989.
+#: forward and one backward per window; on SmolLM2 the estimate from 64 windows ranks 1680
+#: (weight, candidate) pairs as the KL measured on 2 × 512 tokens does to Spearman 0.990,
+#: as well as two direct measurements on different text agree (benchmarks/RESULTS.md).
 FISHER_WINDOWS = (64, 512)
 #: Objective "fisher": the seed of the next-token draws (the estimate is deterministic).
 FISHER_SEED = 0
