@@ -511,10 +511,7 @@ class Suffixes:
                           for rows in _chunks(ref.shape[0])])
 
     def _logits(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        logits = outputs[0]
-        if logits.dim() != 3:
-            raise ValueError(f"sensitivity needs logits [batch, seq, vocab] as the graph's first output, got {list(logits.shape)}")
-        return logits.float()
+        return _logits(outputs)
 
     def _count(self, ids: torch.Tensor) -> int:
         return ids.numel() if self.objective == "kl" else ids.shape[0] * (ids.shape[1] - 1)
@@ -721,9 +718,9 @@ def fisher_errors(graph: Graph, batches: list[list[torch.Tensor]], plan: dict[Ta
     tensors = executor.weights
     order = sorted(plan, key=lambda t: t.index)
     deltas: dict[Target, torch.Tensor | None] = {}
+    names = {t: graph.nodes[t.index].inputs[1].node.get("name") for t in order}
     for t in tqdm(order, desc="sensitivity (fisher): candidates", unit="tensor", disable=not progress or None):
-        node = graph.nodes[t.index]
-        w = tensors[node.inputs[1].node.get("name")].float()
+        w = tensors[names[t]].float()
         changed = [weights(t, c, w) - w for c in map(Candidate.parse, plan[t]) if c.fmt is not None]
         deltas[t] = torch.stack(changed).to(torch.float16) if changed else None
     at = {graph.nodes[t.index]: t for t in order}
@@ -732,7 +729,7 @@ def fisher_errors(graph: Graph, batches: list[list[torch.Tensor]], plan: dict[Ta
     positions = 0
     windows = [[x[r:r + 1] for x in b] for b in batches for r in range(b[0].shape[0])]
     for inputs in tqdm(windows, desc="sensitivity (fisher)", unit="window", disable=not progress or None):
-        leaves = {t: tensors[graph.nodes[t.index].inputs[1].node.get("name")].detach().requires_grad_() for t in order}
+        leaves = {t: tensors[names[t]].detach().requires_grad_() for t in order}
 
         def observer(node: Node, operands: list[torch.Tensor], leaves=leaves) -> list[torch.Tensor] | None:
             t = at.get(node)
@@ -740,11 +737,8 @@ def fisher_errors(graph: Graph, batches: list[list[torch.Tensor]], plan: dict[Ta
 
         run = executor.start(inputs)
         run.advance(len(graph.nodes), observer, grad=True)
-        logits = run.outputs()[0]
-        if logits.dim() != 3:
-            raise ValueError(f"sensitivity needs logits [batch, seq, vocab] as the graph's first output, "
-                             f"got {list(logits.shape)}")
-        logp = F.log_softmax(logits.float().reshape(-1, logits.shape[-1]), -1)
+        logits = _logits(run.outputs())
+        logp = F.log_softmax(logits.reshape(-1, logits.shape[-1]), -1)
         drawn = torch.multinomial(logp.detach().exp(), 1, generator=gen)
         grads = torch.autograd.grad(logp.gather(1, drawn).sum(), [leaves[t] for t in order])
         for t, g in zip(order, grads):
@@ -758,6 +752,14 @@ def fisher_errors(graph: Graph, batches: list[list[torch.Tensor]], plan: dict[Ta
         est = iter((squares[t] / (2 * positions)).tolist())
         out[t] = [0.0 if c.fmt is None else next(est) for c in map(Candidate.parse, plan[t])]
     return out
+
+
+def _logits(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """The graph's first output, the logits [batch, seq, vocab], in float32."""
+    logits = outputs[0]
+    if logits.dim() != 3:
+        raise ValueError(f"sensitivity needs logits [batch, seq, vocab] as the graph's first output, got {list(logits.shape)}")
+    return logits.float()
 
 
 def _first_tokens(batches: list[list[torch.Tensor]], ids: list[torch.Tensor],
