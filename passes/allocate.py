@@ -17,7 +17,10 @@ bits·numel is an integer for every format (N·(bits·K + scale and zero bits·c
 so an average-bits budget b becomes the integer limit floor(b·Σnumel) on Σ bits·numel, with b
 read as the decimal the user wrote (3.3 is 33/10, not the binary float below it). Costs are
 shifted by each tensor's cheapest candidate and divided by the gcd of all cost steps (24
-bytes for SmolLM2's linears and the default candidates), which keeps the grid small.
+bytes for SmolLM2's linears and the default candidates), which keeps the grid small. Where
+the grid would still be too large to fill (over `DP_CELLS` cells: thousands of tensors, or
+costs with no common divisor), the same problem goes to `scipy.optimize.milp` as below,
+exact as well; there, among solutions of equal summed error, HiGHS picks one.
 
 Activations and the KV cache cost no model bytes (`bytes` and `numel` 0): their choices
 count in neither budget, so each takes its least-error candidate (keep float out of their
@@ -41,6 +44,12 @@ from fractions import Fraction
 import numpy as np
 
 from ..ir.formats import NumberFormat
+
+
+#: The most cells (tensors × grid points) the dynamic program fills: its walk-back table
+#: takes a byte per cell. Past it (many tensors, or costs whose steps share no large
+#: divisor: a grid of one cell per byte) `solve` hands the knapsack to `scipy.optimize.milp`.
+DP_CELLS = 2 * 10**8
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,8 @@ def solve(
 
     _check_fits(cost, limit, budget_bits, numel if budget_bits is not None else 0)
     picked = _knapsack(names, cost, errors, limit - sum(min(cost[n]) for n in names))
+    if picked is None:  # a grid too large to fill: the same optimum from HiGHS
+        picked = _milp(names, errors, {n: [0.0] * len(choices[n]) for n in names}, cost, limit, None)
     return {n: choices[n][picked[n]] for n in names}
 
 
@@ -185,15 +196,15 @@ def _milp(names: list[str], objective: dict[str, list[float]], seconds: dict[str
     tell from 0. Raises ValueError if HiGHS fails or finds the program infeasible (the
     callers check feasibility first)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import csr_array, vstack
 
     starts = np.cumsum([0, *(len(objective[n]) for n in names)])
     width = int(starts[-1])
     c = np.concatenate([objective[n] for n in names])
     scale = float(np.abs(c).max()) or 1.0
     c = c / scale * 1e6  # HiGHS' absolute gap (1e-6) is then 1e-12 of the largest error
-    one = np.zeros((len(names), width))
-    for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
-        one[i, a:b] = 1.0
+    one = csr_array((np.ones(width), (np.repeat(np.arange(len(names)), np.diff(starts)), np.arange(width))),
+                    shape=(len(names), width))  # one choice per tensor: sparse, for thousands of tensors
     rows = []  # (coefficients above each tensor's least, the slack, the exact excess of a solution)
     if limit is not None:
         rows.append((np.concatenate([np.subtract(cost[n], min(cost[n])) for n in names]).astype(float),
@@ -209,7 +220,8 @@ def _milp(names: list[str], objective: dict[str, list[float]], seconds: dict[str
     for _ in range(32):
         constraints = [LinearConstraint(one, 1.0, 1.0)]
         if cuts:
-            constraints.append(LinearConstraint(np.stack(cuts), -np.inf, len(names) - 1.0))
+            constraints.append(LinearConstraint(vstack([csr_array(c[None, :]) for c in cuts]), -np.inf,
+                                                len(names) - 1.0))
         upper = np.ones(width)
         for (coef, _, _), slack, size in zip(rows, slacks, magnitudes):
             room = slack + 1e-12 * size  # sums of floats round: the exact check below decides at the boundary
@@ -269,7 +281,7 @@ def _best(errors: list[float], costs: list[int], among) -> int:
 
 
 def _knapsack(names: list[str], cost: dict[str, list[int]], errors: dict[str, list[float]],
-              slack: int) -> dict[str, int]:
+              slack: int) -> dict[str, int] | None:
     """Exact multiple-choice knapsack: indices minimising Σ error with Σ (cost - the
     tensor's least cost) <= slack.
 
@@ -277,7 +289,8 @@ def _knapsack(names: list[str], cost: dict[str, list[int]], errors: dict[str, li
     dominated by a cheaper-or-equal one of no larger error is dropped, steps are divided by
     their gcd g, and `table[c]` holds the least error of the tensors so far at exactly c·g
     above their least cost; each tensor keeps its argmin per cell for the walk back.
-    Time Σ_tensors candidates · cells, memory Σ_tensors cells bytes.
+    Time Σ_tensors candidates · cells, memory Σ_tensors cells bytes; None (not solved) when
+    that is over `DP_CELLS`.
     """
     picked: dict[str, int] = {}
     items = []  # (name, candidate indices, steps)
@@ -299,6 +312,8 @@ def _knapsack(names: list[str], cost: dict[str, list[int]], errors: dict[str, li
         for d in steps:
             g = math.gcd(g, d)
     cells = slack // g
+    if cells * len(items) > DP_CELLS:
+        return None
     table = np.zeros(1)  # least error at exactly c·g above the least cost
     argmins = []
     dtype = np.uint8 if max(len(keep) for _, keep, _ in items) <= 256 else np.uint16

@@ -71,6 +71,54 @@ def test_every_budget_feasible_optimal_and_ties_go_to_the_cheaper(choices):
         assert total_bytes(got) == min(b for e, b, _ in feasible if e == best)
 
 
+@settings(max_examples=150, deadline=None)
+@given(instances(), st.floats(0.0, 1.0))
+def test_a_grid_too_large_for_the_dynamic_program_goes_to_milp_with_the_same_optimum(choices, where):
+    import mxc.passes.allocate as allocate
+
+    lo, hi = byte_range(choices)
+    budget = lo + round(where * (hi - lo))
+    dp = solve(choices, budget_bytes=budget)
+    old, allocate.DP_CELLS = allocate.DP_CELLS, 0  # every grid is now too large to fill
+    try:
+        got = solve(choices, budget_bytes=budget)
+    finally:
+        allocate.DP_CELLS = old
+    assert total_bytes(got) <= budget
+    best = min(e for e, _, _ in brute(choices, lambda combo: sum(c.bytes for c in combo) <= budget))
+    assert math.isclose(total_error(got), best, rel_tol=1e-9, abs_tol=1e-9)
+    assert math.isclose(total_error(got), total_error(dp), rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_thousands_of_tensors_with_byte_costs_solve_exactly_past_the_grid(monkeypatch):
+    """2,000 tensors whose byte costs share no divisor: a grid of ~10⁷ cells per tensor (over
+    `DP_CELLS`), solved by HiGHS; checked against the Lagrangian bound, which a multiple-choice
+    knapsack with this many items meets to within one item's error."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    choices = {}
+    for t in range(2000):
+        name = f"layers.{t}.proj:weight"
+        sizes = np.sort(rng.integers(1000, 20000, size=5)) + np.arange(5)  # distinct
+        errs = np.sort(rng.random(5))[::-1] * rng.uniform(0.1, 10.0)  # more bytes, less error
+        choices[name] = [Choice(name, None, int(b), 8.0 * int(b) / 4096, 4096, float(e)) for b, e in zip(sizes, errs)]
+    lo, hi = byte_range(choices)
+    budget = lo + (hi - lo) // 3
+    import mxc.passes.allocate as allocate
+
+    calls = []
+    milp = allocate._milp
+    monkeypatch.setattr(allocate, "_milp", lambda *a: calls.append(1) or milp(*a))
+    got = solve(choices, budget_bytes=budget)
+    assert calls, "the grid was small enough for the dynamic program: the instance tests nothing"
+    assert set(got) == set(choices) and total_bytes(got) <= budget
+    # the Lagrangian dual: for any price λ, Σ min_c (error + λ·(bytes)) - λ·budget is a lower bound
+    bound = max(sum(min(c.error + lam * c.bytes for c in row) for row in choices.values()) - lam * budget
+                for lam in np.geomspace(1e-7, 1e-2, 400))
+    assert bound <= total_error(got) <= bound + max(c.error for row in choices.values() for c in row)
+
+
 def test_equal_errors_take_the_least_bytes():
     choices = {f"l{i}:weight": [Choice(f"l{i}:weight", None, b, 8.0 * b, 1, 1.0) for b in (30, 10, 20)] for i in range(3)}
     got = solve(choices, budget_bytes=1000)
