@@ -715,18 +715,49 @@ def fisher_errors(graph: Graph, batches: list[list[torch.Tensor]], plan: dict[Ta
     positions). Q(W) is `weights` (gptq or round to nearest), taken once per target before
     the windows run and held as float16 differences."""
     executor = ReferenceExecutor(graph, check_shapes=False)
-    tensors = executor.weights
     order = sorted(plan, key=lambda t: t.index)
-    deltas: dict[Target, torch.Tensor | None] = {}
-    names = {t: graph.nodes[t.index].inputs[1].node.get("name") for t in order}
-    for t in tqdm(order, desc="sensitivity (fisher): candidates", unit="tensor", disable=not progress or None):
-        w = tensors[names[t]].float()
-        changed = [weights(t, c, w) - w for c in map(Candidate.parse, plan[t]) if c.fmt is not None]
-        deltas[t] = torch.stack(changed).to(torch.float16) if changed else None
-    at = {graph.nodes[t.index]: t for t in order}
+    deltas = weight_changes(executor, graph, plan, weights, progress=progress)
     squares = {t: torch.zeros(0 if d is None else d.shape[0], dtype=torch.float64) for t, d in deltas.items()}
-    gen = torch.Generator().manual_seed(seed)
     positions = 0
+    for count, grads in fisher_gradients(executor, graph, batches, order, seed=seed, progress=progress):
+        for t, g in grads.items():
+            if deltas[t] is not None:
+                s = torch.einsum("cnk,nk->c", deltas[t].float(), g.float()).double()
+                squares[t] += s * s
+        positions += count
+    out = {}
+    for t in order:
+        est = iter((squares[t] / (2 * positions)).tolist())
+        out[t] = [0.0 if c.fmt is None else next(est) for c in map(Candidate.parse, plan[t])]
+    return out
+
+
+def weight_changes(executor: ReferenceExecutor, graph: Graph, plan: dict[Target, list[Candidate]],
+                   weights: Weights, *, progress: bool = True) -> dict[Target, torch.Tensor | None]:
+    """`{target: Q(W) − W}` for every quantized candidate of `plan` (float ones skipped), as
+    float16 [candidates, N, K] (None: no quantized candidate), in graph order as `weights`
+    needs them."""
+    tensors = executor.weights
+    out: dict[Target, torch.Tensor | None] = {}
+    for t in tqdm(sorted(plan, key=lambda t: t.index), desc="sensitivity (fisher): candidates", unit="tensor",
+                  disable=not progress or None):
+        w = tensors[graph.nodes[t.index].inputs[1].node.get("name")].float()
+        changed = [weights(t, c, w) - w for c in map(Candidate.parse, plan[t]) if c.fmt is not None]
+        out[t] = torch.stack(changed).to(torch.float16) if changed else None
+    return out
+
+
+def fisher_gradients(executor: ReferenceExecutor, graph: Graph, batches: list[list[torch.Tensor]],
+                     order: list[Target], *, seed: int = FISHER_SEED, progress: bool = True):
+    """Per window (each sequence of each batch), `(positions, {target: ∇_W Σ_t log p_t(ŷ_t)})`:
+    one forward through `graph` on `executor` with every target's weight a leaf that
+    requires grad, the next tokens ŷ drawn from the float model's own distributions (one
+    generator seeded with `seed` across the windows), one backward. What `fisher_errors`
+    sums; the score of a change D of a weight in one window is ⟨D, gradient⟩."""
+    tensors = executor.weights
+    names = {t: graph.nodes[t.index].inputs[1].node.get("name") for t in order}
+    at = {graph.nodes[t.index]: t for t in order}
+    gen = torch.Generator().manual_seed(seed)
     windows = [[x[r:r + 1] for x in b] for b in batches for r in range(b[0].shape[0])]
     for inputs in tqdm(windows, desc="sensitivity (fisher)", unit="window", disable=not progress or None):
         leaves = {t: tensors[names[t]].detach().requires_grad_() for t in order}
@@ -741,17 +772,9 @@ def fisher_errors(graph: Graph, batches: list[list[torch.Tensor]], plan: dict[Ta
         logp = F.log_softmax(logits.reshape(-1, logits.shape[-1]), -1)
         drawn = torch.multinomial(logp.detach().exp(), 1, generator=gen)
         grads = torch.autograd.grad(logp.gather(1, drawn).sum(), [leaves[t] for t in order])
-        for t, g in zip(order, grads):
-            if deltas[t] is not None:
-                s = torch.einsum("cnk,nk->c", deltas[t].float(), g.float()).double()
-                squares[t] += s * s
-        positions += logp.shape[0]
-        del run, logits, logp, grads
-    out = {}
-    for t in order:
-        est = iter((squares[t] / (2 * positions)).tolist())
-        out[t] = [0.0 if c.fmt is None else next(est) for c in map(Candidate.parse, plan[t])]
-    return out
+        count = logp.shape[0]
+        del run, logits, logp
+        yield count, dict(zip(order, grads))
 
 
 def _logits(outputs: list[torch.Tensor]) -> torch.Tensor:
