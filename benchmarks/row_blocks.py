@@ -98,10 +98,10 @@ def main() -> None:
                                             float(squares[b][t][i, j]) / (2 * positions), c.outliers))
         return out
 
+    tables = {b: choices(b) for b in sizes}
     whole = sum(float(squares[0][t].sum()) for t in order)
     lines = []
-    for b in sizes:
-        ch = choices(b)
+    for b, ch in tables.items():
         additive = sum(float(squares[b][t].sum()) for t in order) / whole
         cells = []
         for budget in args.budgets:
@@ -112,11 +112,10 @@ def main() -> None:
             cells.append(f"{total_error(got):.4f} ({time.perf_counter() - t0:.0f} s)")
         lines.append(f"| {'whole tensor' if b == 0 else f'{b} rows'} | {len(ch)} | {additive:.3f} | " + " | ".join(cells) + " |")
     uniform = []
-    for budget in args.budgets:
+    for budget in args.budgets:  # every weight in the uniform plan's format, where it is a candidate
         key = str(S.Candidate.parse(frontier.UNIFORM[budget]))
-        at = [i for t in order for i, c in enumerate(plan[t]) if str(c) == key]
-        uniform.append(f"{sum(float(squares[0][t][i].sum()) for t in order for i, c in enumerate(plan[t]) if str(c) == key) / (2 * positions):.4f}"
-                       if at else "—")
+        picks = [c for row in tables[0].values() for c in row if str(S.Candidate(c.fmt, c.outliers)) == key]
+        uniform.append(f"{sum(c.error for c in picks):.4f}" if picks else "—")
     date = datetime.date.today().isoformat()
     named = " (frontier.py's)" if args.candidates == frontier.CANDIDATES else ""
     text = "\n".join([

@@ -493,7 +493,7 @@ class Suffixes:
         self.quantized = weights if weights is not None else Weights(graph, batches, "rtn")
         self.executor = ReferenceExecutor(graph, check_shapes=False)
         self.weights = self.executor.weights
-        self.reference = [self._logits(self.executor(b)) for b in batches]
+        self.reference = [_logits(self.executor(b)) for b in batches]
         self.positions = sum(self._count(x) for x in ids)
         # per batch, what `score` compares with: the float next-token probabilities (KL), or
         # the float log-probability of each label (cross entropy)
@@ -510,9 +510,6 @@ class Suffixes:
         return torch.cat([(ref[rows].double().gather(1, labels[rows]) - torch.logsumexp(ref[rows].double(), -1, keepdim=True))
                           for rows in _chunks(ref.shape[0])])
 
-    def _logits(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        return _logits(outputs)
-
     def _count(self, ids: torch.Tensor) -> int:
         return ids.numel() if self.objective == "kl" else ids.shape[0] * (ids.shape[1] - 1)
 
@@ -528,7 +525,7 @@ class Suffixes:
         log-probabilities (~1e-6 each); agreement with float64 log-softmax is ~1e-5
         relative, at a third of its cost. Cross entropy: the label's log-probability, taken
         in float64."""
-        ref, got = self.reference[batch], self._logits(outputs)
+        ref, got = self.reference[batch], _logits(outputs)
         vocab = ref.shape[-1]
         total = 0.0
         if self.objective == "kl":

@@ -6,9 +6,11 @@ import itertools
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import mxc.passes.allocate as allocate
 from mxc.ir import parse_format
 from mxc.passes.allocate import BudgetError, Choice, average_bits, solve, total_bytes, total_error
 from mxc.passes.quantize import format_bytes
@@ -74,16 +76,12 @@ def test_every_budget_feasible_optimal_and_ties_go_to_the_cheaper(choices):
 @settings(max_examples=150, deadline=None)
 @given(instances(), st.floats(0.0, 1.0))
 def test_a_grid_too_large_for_the_dynamic_program_goes_to_milp_with_the_same_optimum(choices, where):
-    import mxc.passes.allocate as allocate
-
     lo, hi = byte_range(choices)
     budget = lo + round(where * (hi - lo))
     dp = solve(choices, budget_bytes=budget)
-    old, allocate.DP_CELLS = allocate.DP_CELLS, 0  # every grid is now too large to fill
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # hypothesis runs many examples per test call
+        mp.setattr(allocate, "DP_CELLS", 0)  # every grid is now too large to fill
         got = solve(choices, budget_bytes=budget)
-    finally:
-        allocate.DP_CELLS = old
     assert total_bytes(got) <= budget
     best = min(e for e, _, _ in brute(choices, lambda combo: sum(c.bytes for c in combo) <= budget))
     assert math.isclose(total_error(got), best, rel_tol=1e-9, abs_tol=1e-9)
@@ -94,8 +92,6 @@ def test_thousands_of_tensors_with_byte_costs_solve_exactly_past_the_grid(monkey
     """2,000 tensors whose byte costs share no divisor: a grid of ~10⁷ cells per tensor (over
     `DP_CELLS`), solved by HiGHS; checked against the Lagrangian bound, which a multiple-choice
     knapsack with this many items meets to within one item's error."""
-    import numpy as np
-
     rng = np.random.default_rng(7)
     choices = {}
     for t in range(2000):
@@ -105,8 +101,6 @@ def test_thousands_of_tensors_with_byte_costs_solve_exactly_past_the_grid(monkey
         choices[name] = [Choice(name, None, int(b), 8.0 * int(b) / 4096, 4096, float(e)) for b, e in zip(sizes, errs)]
     lo, hi = byte_range(choices)
     budget = lo + (hi - lo) // 3
-    import mxc.passes.allocate as allocate
-
     calls = []
     milp = allocate._milp
     monkeypatch.setattr(allocate, "_milp", lambda *a: calls.append(1) or milp(*a))
