@@ -16,6 +16,7 @@ Progress goes to stderr; bars show on a terminal only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -76,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 8 when the model has a tokenizer, else 0; 0: no calibration)")
     p.add_argument("--calibration-seq-len", type=int, default=512, metavar="L",
                    help="tokens per calibration window (default: 512)")
+    p.add_argument("--tune", type=int, metavar="STEPS",
+                   help="steps of end-to-end scale tuning after quantization, on the calibration windows (the "
+                        "last held out to check it); sets the plan's tune (default: the plan's, 0 for presets)")
     p.add_argument("--backend", default="reference", choices=[*sorted(BACKENDS), "auto"],
                    help="the backend (default: reference; auto: triton with a CUDA GPU, else reference)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at DIR")
@@ -122,6 +126,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     save the artifact with the tokenizer, print the report. Arguments, the plan and the
     destination are checked before the model is loaded."""
     plan = parse_plan(args.plan)
+    if args.tune is not None:
+        if plan is None or args.tune < 0:
+            raise UsageError(f"--tune {args.tune}: expected a count of steps >= 0 and a --plan whose scales it tunes")
+        plan = dataclasses.replace(plan, tune=args.tune)
     out = Path(args.output)
     check_destination(out, args.overwrite)
     source = check_model_path(args.model)

@@ -37,6 +37,8 @@ class Report:
     pipeline: dict[str, bool] = field(default_factory=dict)
     #: What each pass did to each layer: {path: {pass: what}} (see `pass_effects`).
     effects: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: What the tune pass did (`graph.meta["tuned"]`: steps, tokens, held-out KL before and after).
+    tuned: dict = field(default_factory=dict)
 
     @property
     def avg_bits(self) -> float | None:
@@ -84,6 +86,8 @@ class Report:
             ran = [f"{k} {self.timings[k] * 1e3:.1f} ms" if k in self.timings else f"{k} off (plan)"
                    for k in (self.pipeline or self.timings)]
             lines.append("  passes: " + ", ".join(ran))
+        if self.tuned:
+            lines.append("  " + tuned_line(self.tuned))
         if self.effects:
             columns = [p for p in EFFECT_PASSES if any(p in e for e in self.effects.values())]
             lines.append("  what each pass did, per layer:")
@@ -91,6 +95,16 @@ class Report:
             for path, e in self.effects.items():
                 lines.append(f"  {path:<40} " + " ".join(f"{e.get(p, '-'):<{EFFECT_WIDTH[p]}}" for p in columns).rstrip())
         return "\n".join(lines)
+
+
+def tuned_line(r: dict) -> str:
+    """One line on what the tune pass did."""
+    text = f"scales tuned: {r['scales']} tensors, {r['steps']} steps on {r['windows']} windows ({r['tokens']} tokens)"
+    if r.get("kl_before") is not None:
+        text += f"; held-out KL {r['kl_before']:.4g} -> {r['kl_after']:.4g} nats/token"
+    if r.get("kept") == "original":
+        text += ": worse, so the untuned scales were kept"
+    return text
 
 
 #: The passes whose per-layer effects the report's second table shows (quantize's are the
@@ -211,7 +225,7 @@ class CompiledModel:
         smoothed = dict(self.graph.meta.get("smoothed", {}))
         return Report(
             self.graph.name, self.backend, counts, fallbacks, plain + packed, self.timings, layers, plain + before, name,
-            smoothed, dict(self.pipeline), pass_effects(self.graph, layers),
+            smoothed, dict(self.pipeline), pass_effects(self.graph, layers), dict(self.graph.meta.get("tuned", {})),
         )
 
     def __repr__(self) -> str:

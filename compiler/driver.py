@@ -29,7 +29,10 @@ from .runtime import BACKENDS
 FLOAT_PIPELINE = ["canonicalize"]
 #: The passes run for a plan, in order (DESIGN.md); a plan may switch some off
 #: (`Plan(passes={"reorder": False})`, see `mxc.plan.SWITCHABLE_PASSES`).
-QUANT_PIPELINE = ["canonicalize", "calibrate", "smooth", "reorder", "quantize", "fold", "layout", "fuse"]
+QUANT_PIPELINE = ["canonicalize", "calibrate", "smooth", "reorder", "quantize", "tune", "fold", "layout", "fuse"]
+#: Windows of 512 tokens of real text a tokenizer gives the tune pass (the last one held out
+#: to check the result); token-id calibration batches are used as given.
+TUNE_WINDOWS = 33
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile
@@ -77,7 +80,8 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
         pipeline = {name: True for name in FLOAT_PIPELINE}
         result = run_pipeline(captured.graph, FLOAT_PIPELINE, verify=debug, dump_dir=dump_ir)
     else:
-        pipeline = {name: plan.runs(name) for name in QUANT_PIPELINE}
+        # "tune" runs only when the plan asks for it (steps > 0), and is not listed otherwise
+        pipeline = {name: plan.runs(name) for name in QUANT_PIPELINE if name != "tune" or plan.tune}
         plan = plan.resolved(calibrated=calibration is not None)
         # a pass switched off asks for nothing (and no warning says it is missing)
         alphas = plan.smoothing(_linear_paths(captured.graph)) if pipeline["smooth"] else {}
@@ -102,8 +106,10 @@ def compile(  # noqa: A001 - the public name mirrors torch.compile
             "smooth": {"alpha": alphas, "layers": alphas.__contains__},
             "reorder": {"outliers": outliers},
             "quantize": {"plan": plan},
+            "tune": {"teacher": captured.graph, "steps": plan.tune, "executor": calibration_executor,
+                     "batches": None if not plan.tune else tune_inputs(calibration, captured.call_spec)},
         }
-        names = [name for name in QUANT_PIPELINE if pipeline[name]]
+        names = [name for name in QUANT_PIPELINE if pipeline.get(name)]
         result = run_pipeline(captured.graph, names, options=options, verify=debug, dump_dir=dump_ir)
     executor = BACKENDS[backend](result.graph, device=device, check_shapes=debug)
     return CompiledModel(result.graph, captured.call_spec, executor, backend, result.timings, plan, pipeline)
@@ -140,6 +146,15 @@ def calibration_inputs(calibration: Any, spec: CallSpec) -> list[list[torch.Tens
             kwargs["token_type_ids"] = torch.zeros_like(ids)
         out.append(spec.bind((), kwargs))
     return out
+
+
+def tune_inputs(calibration: Any, spec: CallSpec) -> list[list[torch.Tensor]]:
+    """The graph inputs the tune pass fits scales on: `TUNE_WINDOWS` windows of 512 tokens
+    from a tokenizer (the end of the default text, as calibration's, never the perplexity
+    windows), or the calibration batches as given."""
+    if not isinstance(calibration, (list, tuple)):
+        calibration = text_batches(calibration, n=TUNE_WINDOWS, seq_len=512)
+    return calibration_inputs(calibration, spec)
 
 
 def _linear_paths(graph) -> list[str]:

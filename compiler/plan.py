@@ -22,7 +22,10 @@ activation scales, `{"outliers": 32}` or `{"outliers": 0.05}` — a count or a f
 input channels the reorder pass moves last and the quantize pass keeps at `outlier_format`,
 default `{"weight": "int8<sym,channel>", "act": "int8<sym,token>"}`, "float" for f32; needs
 calibration data). `passes` switches passes of the pipeline off: `{"reorder": False}` (any of
-`SWITCHABLE_PASSES`; the report then says "reorder off (plan)").
+`SWITCHABLE_PASSES`; the report then says "reorder off (plan)"). `tune`: steps of end-to-end
+scale tuning after quantization (`mxc.passes.tune`: every weight scale refitted jointly to
+the float model's next-token distributions on calibration text; formats and bytes unchanged;
+0, the default, is off; it needs calibration data).
 
 `Plan.auto(model, budget, calibration=...)` (and the presets "auto:3.5", "auto:90MB" of
 `mxc.compile`) allocates formats from measured sensitivity under a budget (`mxc.autoplan`):
@@ -128,6 +131,8 @@ class Plan:
     smooth: float | None = None
     name: str | None = None
     passes: dict = field(default_factory=dict)
+    #: Steps of end-to-end scale tuning after quantization (0: off; `mxc.passes.tune`).
+    tune: int = 0
     #: JSON data about the plan that compiles to nothing: `Plan.auto` keeps its measured
     #: sensitivities under "allocation" (`explain()` shows them).
     notes: dict = field(default_factory=dict)
@@ -144,6 +149,8 @@ class Plan:
                 )
             if not isinstance(on, bool):
                 raise ValueError(f"plan passes: {key!r} must be true or false, got {on!r}")
+        if isinstance(self.tune, bool) or not isinstance(self.tune, int) or self.tune < 0:
+            raise ValueError(f"plan tune: expected a count of tuning steps >= 0 (0: off), got {self.tune!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown quantization method {self.method!r}; expected one of {', '.join(METHODS)}")
         for where, a in [("plan smooth", self.smooth)] + [
@@ -172,6 +179,11 @@ class Plan:
         """This plan with `auto` choices made for whether calibration data is available."""
         method = self.method if self.method != "auto" else ("gptq" if calibrated else "rtn")
         clip = self.clip_search if self.clip_search is not None else calibrated
+        if self.tune and not calibrated:
+            raise ValueError(
+                f"plan {self.name or '(custom)'} asks for {self.tune} steps of scale tuning, which fits the scales on "
+                "calibration text: pass calibration=tokenizer (real text) or a list of token-id tensors"
+            )
         if (method == "gptq" or clip) and not calibrated:
             raise ValueError(
                 f"plan {self.name or '(custom)'} asks for {'GPTQ' if method == 'gptq' else 'a clipping search'}, "
@@ -210,6 +222,7 @@ class Plan:
             "default": self.default.to_dict(),
             "rules": [r.to_dict() for r in self.rules],
             **({"passes": dict(self.passes)} if self.passes else {}),
+            **({"tune": self.tune} if self.tune else {}),
             **({"notes": self.notes} if self.notes else {}),
         }
 
@@ -221,7 +234,7 @@ class Plan:
 
     @staticmethod
     def from_dict(data: dict) -> "Plan":
-        known = {"name", "method", "clip_search", "smooth", "default", "rules", "passes", "notes"}
+        known = {"name", "method", "clip_search", "smooth", "default", "rules", "passes", "tune", "notes"}
         extra = sorted(set(data) - known)
         if extra:
             raise ValueError(f"plan has unknown key(s) {extra}; expected {sorted(known)}")
@@ -233,6 +246,7 @@ class Plan:
             smooth=data.get("smooth"),
             name=data.get("name"),
             passes=data.get("passes") or {},
+            tune=data.get("tune", 0),
             notes=data.get("notes") or {},
         )
 
@@ -313,7 +327,8 @@ class Plan:
         smooth = "off" if self.smooth is None else f"alpha {self.smooth}"
         off = [k for k, on in self.passes.items() if not on]
         lines = [f"plan {self.name or '(custom)'}: method {self.method}, clip search {clip}, smoothing {smooth}"
-                 + (f", passes off: {', '.join(off)}" if off else "")]
+                 + (f", passes off: {', '.join(off)}" if off else "")
+                 + (f", scales tuned {self.tune} steps" if self.tune else "")]
         if layers is None:
             for r in (*self.rules, replace(self.default, match="* (default)")):
                 lines.append(f"  {r.match:<32} {r.op:<9} weight {_s(r.weight):<34} act {_s(r.act):<18} kv {_s(r.kv)}"

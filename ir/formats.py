@@ -137,13 +137,15 @@ class _Format:
         """`dequantize(quantize(x))`: `x` as the format represents it, in float32."""
         return self.dequantize(self.quantize(x, clip), x.shape[-1])
 
-    def _blocked(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` as [..., n_blocks, block] along the last axis (one block for per-tensor)."""
+    def _blocked(self, x: torch.Tensor, fill: float = math.nan) -> torch.Tensor:
+        """`x` as [..., n_blocks, block] along the last axis (one block for per-tensor); a
+        shorter last block padded with `fill` (NaN: statistics skip it; dequantize pads codes
+        with 0, so that its product is differentiable in the scale: no 0·NaN in the gradient)."""
         x = x.float()
         block = self.scaling.block(x.shape[-1])  # type: ignore[attr-defined]
         if block is None:
             return x.reshape(1, -1)[:, None, :]
-        return Q.blocks(x, block)
+        return Q.blocks(x, block, fill)
 
     def _unblocked(self, y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         if self.scaling.block(shape[-1]) is None:  # type: ignore[attr-defined]
@@ -210,7 +212,7 @@ class IntFormat(_Format):
     def dequantize(self, q: QTensor, k: int | None = None) -> torch.Tensor:
         """Float32 values of `q` (`k`: the source's last dim, when blocks padded it)."""
         shape = q.codes.shape
-        cb = self._blocked(q.codes)
+        cb = self._blocked(q.codes, 0.0)
         if q.zero is not None:
             cb = cb - q.zero[..., None]
         return self._unblocked(cb * q.scale[..., None], shape)
@@ -266,7 +268,7 @@ class FloatFormat(_Format):
     def dequantize(self, q: QTensor, k: int | None = None) -> torch.Tensor:
         shape = q.codes.shape
         full = q.scale * (q.global_scale if q.global_scale is not None else 1.0)
-        return self._unblocked(self._blocked(q.codes) * full[..., None], shape)
+        return self._unblocked(self._blocked(q.codes, 0.0) * full[..., None], shape)
 
 
 #: The largest value of each scale dtype (bounds the global scale of two-level formats).

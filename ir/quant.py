@@ -88,12 +88,12 @@ def round_int(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
     return torch.clamp(torch.round(x.float()), lo, hi)
 
 
-def blocks(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[..., K] -> [..., ceil(K/size), size]; a shorter last block is padded with NaN."""
+def blocks(x: torch.Tensor, size: int, fill: float = math.nan) -> torch.Tensor:
+    """[..., K] -> [..., ceil(K/size), size]; a shorter last block is padded with `fill`."""
     k = x.shape[-1]
     n = math.ceil(k / size)
     if n * size != k:
-        x = torch.nn.functional.pad(x.float(), (0, n * size - k), value=float("nan"))
+        x = torch.nn.functional.pad(x.float(), (0, n * size - k), value=fill)
     return x.reshape(*x.shape[:-1], n, size)
 
 

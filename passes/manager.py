@@ -27,6 +27,7 @@ from .layout import layout
 from .quantize import quantize
 from .reorder import reorder
 from .smooth import smooth
+from .tune import tune
 
 Pass = Callable[..., Graph]
 
@@ -35,6 +36,7 @@ PASSES: dict[str, Pass] = {
     "canonicalize": canonicalize,
     "calibrate": calibrate,
     "quantize": quantize,
+    "tune": tune,
     "smooth": smooth,
     "reorder": reorder,
     "fold": fold,

@@ -78,6 +78,14 @@ def test_compile_saves_an_artifact_and_prints_the_report(artifacts, model_dir):
     assert str(mxc.load(path).report()) in stdout
 
 
+def test_compile_with_scale_tuning(model_dir, tmp_path):
+    code, stdout, stderr = cli("compile", model_dir, "-o", tmp_path / "t", "--plan", "w4a16-g128", "--tune", 3,
+                               "--calibration", 3, "--calibration-seq-len", 32)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "t" / "plan.json").read_text())["tune"] == 3
+    assert "scales tuned: 14 tensors, 3 steps on 2 windows (64 tokens); held-out KL" in stdout
+
+
 def test_compile_with_backend_auto_picks_reference_without_a_gpu(model_dir, tmp_path):
     with pytest.warns(UserWarning, match="backend 'auto' picked 'reference': no CUDA GPU is available"):
         code, stdout, stderr = cli("compile", model_dir, "-o", tmp_path / "auto", "--backend", "auto")
@@ -196,6 +204,10 @@ def test_errors_on_bad_plans(model_dir, tmp_path):
     assert code == 1 and "mxc: error: pass 'quantize' failed" in stderr and "statically, from calibration data" in stderr
     assert "Traceback" not in stderr
     assert not (tmp_path / "o").exists()
+    assert_user_error(cli("compile", model_dir, "--tune", 4, "-o", tmp_path / "o"), 2,
+                      "--tune 4: expected a count of steps >= 0 and a --plan")
+    assert_user_error(cli("compile", model_dir, "--plan", "w4a16-g128", "--tune", 4, "--calibration", 0,
+                          "-o", tmp_path / "o"), 2, "asks for 4 steps of scale tuning, which fits the scales on")
 
 
 def test_errors_on_tampered_artifacts_and_missing_tokenizers(artifacts, tmp_path):

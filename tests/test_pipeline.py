@@ -16,6 +16,9 @@ from mxc.driver import QUANT_PIPELINE
 from mxc.ir import parse
 from mxc.plan import SWITCHABLE_PASSES, Plan
 
+#: What a plan runs unless it asks for scale tuning (`Plan(tune=steps)`).
+RUN = [p for p in QUANT_PIPELINE if p != "tune"]
+
 #: int4 weights and activations with 8 outlier channels per layer, smoothed, KV cache int8:
 #: every pass has something to do.
 PLAN = {
@@ -52,16 +55,17 @@ def full(tiny_llama, ids, calib, tmp_path_factory):
 
 def test_default_pipeline_order_is_the_design_order(full):
     compiled, _ = full
-    assert QUANT_PIPELINE == ["canonicalize", "calibrate", "smooth", "reorder", "quantize", "fold", "layout", "fuse"]
-    assert list(compiled.timings) == QUANT_PIPELINE
-    assert compiled.pipeline == {name: True for name in QUANT_PIPELINE}
+    assert QUANT_PIPELINE == ["canonicalize", "calibrate", "smooth", "reorder", "quantize", "tune", "fold", "layout",
+                              "fuse"]
+    assert list(compiled.timings) == RUN  # tune runs when the plan asks for steps (tests/passes/test_tune.py)
+    assert compiled.pipeline == {name: True for name in RUN}
     assert set(SWITCHABLE_PASSES) < set(QUANT_PIPELINE)
 
 
 def test_every_dump_shows_its_pass(full):
     compiled, dumps = full
     files = sorted(p.name for p in dumps.iterdir())
-    assert files == ["00-capture.mxir"] + [f"{i:02d}-{name}.mxir" for i, name in enumerate(QUANT_PIPELINE, 1)]
+    assert files == ["00-capture.mxir"] + [f"{i:02d}-{name}.mxir" for i, name in enumerate(RUN, 1)]
     text = {name.split("-", 1)[1].removesuffix(".mxir"): (dumps / name).read_text() for name in files}
     assert text["fuse"] == compiled.ir
     for name in files:  # every dump parses back to itself
@@ -80,7 +84,7 @@ def test_layout_and_fuse_keep_the_function_bit_for_bit(tiny_llama, full, ids, ca
     compiled, _ = full
     for passes in ({"fuse": False}, {"layout": False, "fuse": False}):
         other = compile_with(tiny_llama, ids, calib, passes=passes)
-        assert list(other.timings) == [p for p in QUANT_PIPELINE if p not in passes]
+        assert list(other.timings) == [p for p in RUN if p not in passes]
         for batch in (ids, torch.randint(0, 131, (3, 14))):
             assert torch.equal(compiled(batch).logits, other(batch).logits), passes
     assert "fused" not in other.graph.op_counts() and "layout" not in other.graph.meta
@@ -103,9 +107,9 @@ def test_report_says_which_passes_ran_and_what_they_did(full):
     compiled, _ = full
     rep = compiled.report()
     text = str(rep)
-    assert rep.pipeline == {name: True for name in QUANT_PIPELINE}
+    assert rep.pipeline == {name: True for name in RUN}
     line = next(l for l in text.splitlines() if l.strip().startswith("passes:"))
-    assert all(f"{name} " in line for name in QUANT_PIPELINE) and "off" not in line
+    assert all(f"{name} " in line for name in RUN) and "off" not in line
     assert "what each pass did, per layer:" in text
     q = rep.effects["model.layers.0.self_attn.q_proj"]
     assert q == {"smooth": "alpha 0.5", "reorder": "8 outliers (norm)", "fold": "qlinear", "layout": "packed 4b + 8b",
@@ -118,7 +122,7 @@ def test_report_says_which_passes_ran_and_what_they_did(full):
 
 def test_plan_switches_passes_off(tiny_llama, ids, calib, tmp_path):
     c = compile_with(tiny_llama, ids, calib, passes={"reorder": False, "smooth": False}, dump_ir=tmp_path)
-    assert list(c.timings) == [p for p in QUANT_PIPELINE if p not in ("reorder", "smooth")]
+    assert list(c.timings) == [p for p in RUN if p not in ("reorder", "smooth")]
     assert c.pipeline["reorder"] is False and c.pipeline["smooth"] is False and c.pipeline["fuse"] is True
     assert sorted(p.name for p in tmp_path.iterdir())[3:5] == ["03-quantize.mxir", "04-fold.mxir"]  # numbered as run
     assert "reordered" not in c.graph.meta and "smoothed" not in c.graph.meta
