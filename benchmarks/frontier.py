@@ -27,6 +27,9 @@ model can be trusted.
 3. Additivity: for every automatic plan, the predicted KL (the sum of its tensors' measured
    errors: what the solver minimises) against the KL the compiled plan measures on the same
    windows, and its perplexity increase.
+   `--tune N`: every plan, uniform and automatic, also gets N steps of end-to-end scale tuning
+   (`mxc.Plan(tune=N)`, `mxc.passes.tune`) on 33×512 tokens from the end of the text (its
+   first 8 windows are GPTQ's, never the perplexity windows nor the KL windows).
 4. Writes `benchmarks/frontier-<method>.png` and appends the tables, the goals (met or not),
    the machine and the date to benchmarks/RESULTS.md.
 
@@ -102,6 +105,13 @@ def compiled_as(plan, method: str):
     return plan if method == "gptq" else dataclasses.replace(plan, method="rtn", clip_search=False)
 
 
+def tuned(plan, steps: int):
+    """`plan` with `steps` of end-to-end scale tuning (0: as it is)."""
+    import dataclasses
+
+    return dataclasses.replace(plan, tune=steps) if steps else plan
+
+
 class Bench:
     """The model, its tokenizer, the text windows, and the float reference; `row(plan)`
     compiles and measures one plan."""
@@ -149,9 +159,11 @@ class Bench:
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            calibrated = self.args.method == "gptq" or has_outliers(plan)
-            compiled = mxc.compile(self.model, compiled_as(plan, self.args.method),
-                                   calibration=self.calibration if calibrated else None)
+            calibrated = self.args.method == "gptq" or has_outliers(plan) or self.args.tune
+            # tuning: the tokenizer, which gives GPTQ the same 8×512 windows and the tune pass 33×512
+            calibration = (self.tok if self.args.tune else self.calibration) if calibrated else None
+            compiled = mxc.compile(self.model, tuned(compiled_as(plan, self.args.method), self.args.tune),
+                                   calibration=calibration)
         seconds = time.perf_counter() - start
         report = compiled.report()
         ppl = mxc.eval.perplexity(compiled, self.tok, windows=self.args.windows)
@@ -160,6 +172,8 @@ class Bench:
         kl /= self.float_logp.shape[0] * self.float_logp.shape[1]
         row = {"kind": kind, "label": label, "bits": report.avg_bits, "mb": report.weight_bytes / 1e6,
                "bytes": report.weight_bytes, "ppl": ppl, "kl": kl, "seconds": round(seconds, 1)}
+        if report.tuned:
+            row["tuned"] = report.tuned
         allocation = plan.notes.get("allocation")
         if allocation:
             row["predicted"] = allocation["predicted_error"]
@@ -249,7 +263,7 @@ def command(args, ap: argparse.ArgumentParser) -> str:
              f"--sens-len {args.sens_len}"]
     if args.kl_windows != (2 if args.objective == "fisher" else args.sens_windows):
         words.append(f"--kl-windows {args.kl_windows}")
-    for name in ("budgets", "uniform", "candidates", "windows"):
+    for name in ("budgets", "uniform", "candidates", "windows", "tune"):
         value = getattr(args, name)
         if value != ap.get_default(name):
             words.append(" ".join([f"--{name.replace('_', '-')}", *map(shlex.quote, map(str, value if isinstance(value, list) else [value]))]))
@@ -274,6 +288,8 @@ def main() -> None:
                     help="each plan's KL on this many sensitivity windows (default: all; 2 for fisher)")
     ap.add_argument("--method", default="gptq", choices=["rtn", "gptq"],
                     help="how every plan is compiled and every candidate measured")
+    ap.add_argument("--tune", type=int, default=0, metavar="STEPS",
+                    help="steps of end-to-end scale tuning for every plan (default 0: none)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=HERE / "out", help="sensitivity JSON and finished rows")
     ap.add_argument("--fresh", action="store_true", help="measure everything again")
@@ -300,7 +316,8 @@ def main() -> None:
     # the objective kl's files keep their earlier names
     scored = f"{'' if args.objective == 'kl' else args.objective + '-'}heldout-{args.sens_windows}x{args.sens_len}"
     kl_text = "" if args.kl_windows == args.sens_windows else f"-kl{args.kl_windows}"
-    rows_path = args.cache / f"frontier-rows-{args.method}-{scored}{kl_text}-w{args.windows}.json"
+    tune_text = f"-tune{args.tune}" if args.tune else ""
+    rows_path = args.cache / f"frontier-rows-{args.method}-{scored}{kl_text}-w{args.windows}{tune_text}.json"
     done: dict[str, dict] = {} if args.fresh or not rows_path.exists() else json.loads(rows_path.read_text())
     bench = Bench(args)
     measured = bench.sensitivity(args.cache / f"sensitivity-smollm2-{args.method}-{scored}.json")
@@ -329,7 +346,8 @@ def main() -> None:
     when = datetime.date.today().isoformat()
     machine = f"{platform.machine()} CPU ({os.cpu_count()} cores), {args.threads} threads, torch {torch.__version__}"
     lines = [
-        f"## Frontier: automatic bit allocation on SmolLM2-135M, {args.method} ({when})",
+        f"## Frontier: automatic bit allocation on SmolLM2-135M, {args.method}"
+        f"{f', scales tuned {args.tune} steps' if args.tune else ''} ({when})",
         "",
         f"{machine}, reference backend. Command: `python benchmarks/frontier.py {command(args, ap)}`. "
         f"{measured.describe()}, held out from the calibration windows (candidates: {', '.join(args.candidates)}; "
@@ -337,6 +355,8 @@ def main() -> None:
         "compiled with "
         + ("GPTQ + clipping search on 8×512 calibration tokens" if args.method == "gptq" else
            "round to nearest (no clipping search; the 8×512 calibration tokens only rank outlier channels)")
+        + (f", then {args.tune} steps of end-to-end scale tuning (`mxc.passes.tune`) on 32×512 tokens from the end "
+           "of the text (one more window held out)" if args.tune else "")
         + f"; perplexity over {args.windows}×512 tokens "
         f"(float: {fp:.3f}); KL against float on {args.kl_windows}×{args.sens_len} of the sensitivity tokens. "
         f"Plot: `benchmarks/{args.plot.name}`.",

@@ -7,7 +7,7 @@ GPTQ and the clipping search choose each weight's codes and scales layer by laye
 against that layer's own output error. What the user pays for is the model's: the KL of its
 next-token distributions against the float model's. This pass keeps every code and zero point
 the quantize pass chose and moves only the scales, jointly for the whole model, by gradient
-descent (Adam) on the mean KL(p_float ‖ p_quant) over every position of calibration text —
+descent (Adam, the step size decaying along a cosine to 0) on the mean KL(p_float ‖ p_quant) over every position of calibration text —
 the end-to-end stage of EfficientQAT ("E2E-QP"), on the reference backend. Each scale s is
 refitted as s·exp(u), u starting at 0; at the end it is rounded to the dtype the format
 stores it in (f16 for the integer formats), as the quantize pass rounds it. Number formats,
@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from ..ir import Graph, Node
 
-#: Adam's step size on u (scale = s·exp(u)): about 0.1% of a scale per step.
+#: Adam's first step size on u (scale = s·exp(u)): about 0.1% of a scale per step.
 LEARNING_RATE = 1e-3
 #: Scale dtypes tuned (`Scaling.scale`); e8m0 and fp8e4m3 scales are left as they are.
 TUNED_SCALES = ("f16", "f32")
@@ -116,12 +116,14 @@ def tune(
 
     before = None if held is None else float(_kl(student(held), reference(held)))
     opt = torch.optim.Adam(list(u.values()), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)  # to 0 at the last step
     losses = []
     for step in tqdm(range(steps), desc="tune", unit="step", disable=not progress or None):
         loss = kl(train[step % len(train)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
         losses.append(float(loss))
     fmts = {name: node.get("format") for node, name in targets.items()}
     with torch.no_grad():

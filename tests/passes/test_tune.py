@@ -50,7 +50,7 @@ def compiled(model, calib):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plain = mxc.compile(model, W3, example_inputs=ids, calibration=calib)
-        tuned = mxc.compile(model, dataclasses.replace(W3, tune=100), example_inputs=ids, calibration=calib)
+        tuned = mxc.compile(model, dataclasses.replace(W3, tune=200), example_inputs=ids, calibration=calib)
     return plain, tuned
 
 
@@ -63,13 +63,13 @@ def _mean_kl(model, compiled, windows):
 def test_tuning_lowers_the_kl_on_text_it_never_saw(model, compiled):
     plain, tuned = compiled
     record = tuned.graph.meta["tuned"]
-    assert record["kept"] == "tuned" and record["steps"] == 100 and record["windows"] == 32
+    assert record["kept"] == "tuned" and record["steps"] == 200 and record["windows"] == 32
     assert record["tokens"] == 32 * 64
-    assert record["kl_after"] < 0.95 * record["kl_before"]  # the held-out window
+    assert record["kl_after"] < 0.98 * record["kl_before"]  # the held-out window (0.947 here)
     assert record["loss_last"] < 0.9 * record["loss_first"]
     unseen = _windows(8, seed=99, length=37)
     before, after = _mean_kl(model, plain, unseen), _mean_kl(model, tuned, unseen)
-    assert after < 0.95 * before, (before, after)
+    assert after < 0.95 * before, (before, after)  # 0.88 here
 
 
 def test_only_scales_change_and_they_stay_f16(compiled):
@@ -86,7 +86,7 @@ def test_only_scales_change_and_they_stay_f16(compiled):
     assert plain.ir == tuned.ir  # the same graph: formats, shapes, ops
     assert plain.report().weight_bytes == tuned.report().weight_bytes
     line = next(l for l in str(tuned.report()).splitlines() if "scales tuned" in l)
-    assert "14 tensors, 100 steps on 32 windows (2048 tokens); held-out KL" in line and "kept" not in line
+    assert "14 tensors, 200 steps on 32 windows (2048 tokens); held-out KL" in line and "kept" not in line
     assert "scales tuned" not in str(plain.report()) and "tune " in str(tuned.report())
 
 
@@ -180,3 +180,20 @@ def test_the_plan_keeps_its_tuning_steps_in_json():
     assert back.tune == 64 and back == plan
     assert "tune" not in W3.to_dict()  # plans without tuning read as before
     assert "scales tuned 64 steps" in plan.explain()
+
+
+def test_a_tokenizer_gives_the_tune_pass_33_windows_from_the_end_of_the_text(captured_tiny_llama):
+    from mxc.driver import TUNE_WINDOWS, calibration_inputs, tune_inputs
+    from mxc.eval import default_text
+
+    class Chars:  # one token per character, ids below the tiny Llama's 131
+        def encode(self, text, add_special_tokens=False):
+            return [min(ord(c), 130) for c in text]
+
+    spec = captured_tiny_llama.call_spec
+    got = tune_inputs(Chars(), spec)
+    ids = torch.tensor(Chars().encode(default_text()))
+    assert TUNE_WINDOWS == 33 and len(got) == 33
+    assert torch.equal(torch.cat([b[0][0] for b in got]), ids[-33 * 512:])  # the end of the text, in order
+    given = [torch.randint(0, 131, (2, 20))]
+    assert [b[0] for b in tune_inputs(given, spec)] == [b[0] for b in calibration_inputs(given, spec)]
