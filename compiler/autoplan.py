@@ -86,7 +86,7 @@ def measured_kinds(candidates: Any) -> tuple[str, ...]:
 
 def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any = None, objective: str = "kl",
               *, progress: bool = True, example_inputs: Any = None, measured: Any = None, quantizer: str = "rtn",
-              latency: Any = None, cost: Any = None, windows: tuple[int, int] | None = None):
+              latency: Any = None, cost: Any = None, windows: tuple[int, int] | None = None, tune: int = 0):
     """The plan of least predicted error under `budget` (see the module docstring).
     `measured`: a `mxc.sensitivity.Sensitivity` measured before (e.g. once for several
     budgets); then nothing is measured and `candidates`, `calibration`, `objective` are unused.
@@ -95,7 +95,8 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
     each allocated tensor's time as `cost` predicts it (default `mxc.cost.BandwidthModel()`,
     an estimate: each linear, plus what quantizing an activation or the KV cache adds);
     `budget` may then be None (latency alone). `windows`: (count, tokens) of the held-out text
-    a tokenizer gives the measurement (`mxc.sensitivity.measure`)."""
+    a tokenizer gives the measurement (`mxc.sensitivity.measure`). `tune`: the plan's steps of
+    end-to-end scale tuning when it is compiled (`Plan.tune`; the allocation does not see it)."""
     from . import sensitivity
     from .cost import BandwidthModel, parse_latency
     from .passes.allocate import (BudgetError, LatencyBudgetError, average_bits, show_seconds, solve, total_bytes,
@@ -183,7 +184,7 @@ def auto_plan(model: Any, budget: Any, candidates: Any = None, calibration: Any 
         notes["allocation"]["latency"] = {"budget_seconds": seconds,
                                           "predicted_seconds": sum(c.seconds for c in solution.values()),
                                           "cost": cost.to_dict(), "cost_model": cost.describe()}
-    return Plan(rules=rules, default=Rule(), name=f"auto:{shown}", notes=notes)
+    return Plan(rules=rules, default=Rule(), name=f"auto:{shown}", notes=notes, tune=tune)
 
 
 def _priced(model: Any, measured: dict, cost: Any) -> dict:

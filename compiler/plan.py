@@ -273,7 +273,7 @@ class Plan:
     def auto(model: Any, budget: Any, candidates: Any = None, calibration: Any = None, objective: str = "kl",
              *, progress: bool = True, example_inputs: Any = None, measured: Any = None,
              quantizer: str = "rtn", latency: Any = None, cost: Any = None,
-             windows: tuple[int, int] | None = None) -> "Plan":
+             windows: tuple[int, int] | None = None, tune: int = 0) -> "Plan":
         """The plan of least predicted error under `budget`: average bits per weight (3.5,
         "3.5bits") or model bytes ("90MB"). Measures each candidate format's effect on the
         model alone (`mxc.sensitivity.measure`, objective "kl", "ce", "proxy" or "fisher":
@@ -290,7 +290,8 @@ class Plan:
         bytes moved, no measured kernel table exists yet); `budget` may be None then.
         `windows`: (count, tokens) of the held-out text a tokenizer gives the measurement
         (default `mxc.sensitivity.WINDOWS`, for "fisher" `FISHER_WINDOWS`); more costs time
-        and carries over better.
+        and carries over better. `tune`: steps of end-to-end scale tuning when the plan is
+        compiled (`Plan.tune`).
 
             plan = Plan.auto(model, 3.5, calibration=tokenizer)
             print(plan.explain())   # the rule per layer, and each candidate's error
@@ -299,7 +300,7 @@ class Plan:
 
         return auto_plan(model, budget, candidates, calibration, objective, progress=progress,
                          example_inputs=example_inputs, measured=measured, quantizer=quantizer, latency=latency,
-                         cost=cost, windows=windows)
+                         cost=cost, windows=windows, tune=tune)
 
     @staticmethod
     def coerce(plan: "Plan | str | dict | os.PathLike") -> "Plan":

@@ -249,6 +249,8 @@ def test_a_saved_measurement_allocates_other_budgets_without_measuring(tiny_llam
         plan = mxc.Plan.auto(tiny_llama, budget, measured=again)
         assert plan == mxc.Plan.auto(tiny_llama, budget, calibration=cal)
     assert len(fake_measure) == calls + 2  # only the two comparison plans measured
+    tuned = mxc.Plan.auto(tiny_llama, 3.0, measured=again, tune=16)
+    assert tuned.tune == 16 and tuned.rules == mxc.Plan.auto(tiny_llama, 3.0, measured=again).rules
     with pytest.raises(ValueError, match="either a measured sensitivity or candidates"):
         mxc.Plan.auto(tiny_llama, 3.0, calibration=cal, measured=again)
 
