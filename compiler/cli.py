@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per calibration window (default: 512)")
     p.add_argument("--tune", type=int, metavar="STEPS",
                    help="steps of end-to-end scale tuning after quantization, on the calibration windows (the "
-                        "last held out to check it); sets the plan's tune (default: the plan's, 0 for presets)")
+                        "first held out to check it); sets the plan's tune (default: the plan's, 0 for presets)")
     p.add_argument("--backend", default="reference", choices=[*sorted(BACKENDS), "auto"],
                    help="the backend (default: reference; auto: triton with a CUDA GPU, else reference)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing artifact at DIR")

@@ -30,8 +30,8 @@ FLOAT_PIPELINE = ["canonicalize"]
 #: The passes run for a plan, in order (DESIGN.md); a plan may switch some off
 #: (`Plan(passes={"reorder": False})`, see `mxc.plan.SWITCHABLE_PASSES`).
 QUANT_PIPELINE = ["canonicalize", "calibrate", "smooth", "reorder", "quantize", "tune", "fold", "layout", "fuse"]
-#: Windows of 512 tokens of real text a tokenizer gives the tune pass (the last one held out
-#: to check the result); token-id calibration batches are used as given.
+#: Windows of 512 tokens of real text a tokenizer gives the tune pass, from the end of the
+#: text (the first held out to check the result); token-id calibration batches are used as given.
 TUNE_WINDOWS = 33
 
 

@@ -22,8 +22,8 @@ has no gradient: the gradient passes them straight through (STE), as if they wer
 identity; their values in the forward pass are the quantized ones.
 
 The text: `batches` (lists of graph inputs, as calibration takes them); each step is one
-window (one row of a batch), in order, cycling. With two or more windows, the last is held
-out: its KL is measured before and after, and if tuning made it worse the original scales
+window (one row of a batch), in order, cycling. With two or more windows, the first is held
+out (a tokenizer's first window lies before the 8 that GPTQ fitted the layers to): its KL is measured before and after, and if tuning made it worse the original scales
 are kept (`meta["tuned"]["kept"]` says which). `teacher` is the float graph (before any
 pass: the captured one), run on the same executor for the reference distributions.
 
@@ -87,8 +87,8 @@ def tune(
         return graph
     start = time.perf_counter()
     windows = [[x[r:r + 1] for x in b] for b in batches for r in range(b[0].shape[0])]
-    held = windows[-1] if len(windows) > 1 else None
-    train = windows[:-1] if held is not None else windows
+    held = windows[0] if len(windows) > 1 else None
+    train = windows[1:] if held is not None else windows
 
     student, reference = executor(graph), executor(teacher)
     names = sorted(set(targets.values()))
@@ -124,7 +124,7 @@ def tune(
         loss.backward()
         opt.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     fmts = {name: node.get("format") for node, name in targets.items()}
     with torch.no_grad():
         tuned = {k: fmts[k]._store_scale(base[k] * torch.exp(u[k])).to(graph.weights[k].dtype) for k in names}
@@ -134,7 +134,7 @@ def tune(
     kept = after is not None and after > before
     if kept:
         warnings.warn(f"tune: the held-out KL rose from {before:.4g} to {after:.4g} nats/token after {steps} steps, "
-                      "so the scales GPTQ chose are kept", stacklevel=2)
+                      "so the untuned scales are kept", stacklevel=2)
         out = graph
     per = len(train)
     record = {

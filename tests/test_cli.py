@@ -78,6 +78,7 @@ def test_compile_saves_an_artifact_and_prints_the_report(artifacts, model_dir):
     assert str(mxc.load(path).report()) in stdout
 
 
+@pytest.mark.filterwarnings("ignore:tune. the held-out KL rose")  # 3 steps on a random model: either way
 def test_compile_with_scale_tuning(model_dir, tmp_path):
     code, stdout, stderr = cli("compile", model_dir, "-o", tmp_path / "t", "--plan", "w4a16-g128", "--tune", 3,
                                "--calibration", 3, "--calibration-seq-len", 32)

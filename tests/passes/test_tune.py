@@ -41,7 +41,7 @@ def model(tiny_llama):
 
 @pytest.fixture(scope="module")
 def calib():
-    return _windows(33, seed=21, length=64)  # 32 to fit on, the last held out
+    return _windows(33, seed=21, length=64)  # 32 to fit on, the first held out
 
 
 @pytest.fixture(scope="module")
