@@ -246,7 +246,7 @@ def plot(rows: list[dict], float_ppl: float, path: Path) -> None:
     ax.axhline(float_ppl, color="gray", linestyle=":", label=f"float ({float_ppl:.2f})")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.0f"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 15.5, not a second "16"
     ax.set_xlabel("model weights (MB; embeddings and lm_head float)")
     ax.set_ylabel("perplexity (pydoc_data.topics)")
     ax.set_title("SmolLM2-135M: automatic bit allocation against uniform plans")

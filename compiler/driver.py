@@ -30,9 +30,12 @@ FLOAT_PIPELINE = ["canonicalize"]
 #: The passes run for a plan, in order (DESIGN.md); a plan may switch some off
 #: (`Plan(passes={"reorder": False})`, see `mxc.plan.SWITCHABLE_PASSES`).
 QUANT_PIPELINE = ["canonicalize", "calibrate", "smooth", "reorder", "quantize", "tune", "fold", "layout", "fuse"]
-#: Windows of 512 tokens of real text a tokenizer gives the tune pass, from the end of the
-#: text (the first held out to check the result); token-id calibration batches are used as given.
+#: Windows of 512 tokens of real text a tokenizer gives the tune pass: the text before the
+#: last `TUNE_SKIP` tokens, which are the calibration windows GPTQ fits the layers to (on them
+#: the quantized model's error is smaller than on any other text); the first window is held
+#: out to check the result. Token-id calibration batches are used as given.
 TUNE_WINDOWS = 33
+TUNE_SKIP = 8 * 512  # what `text_batches(tokenizer)` gives calibration
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile
@@ -150,10 +153,10 @@ def calibration_inputs(calibration: Any, spec: CallSpec) -> list[list[torch.Tens
 
 def tune_inputs(calibration: Any, spec: CallSpec) -> list[list[torch.Tensor]]:
     """The graph inputs the tune pass fits scales on: `TUNE_WINDOWS` windows of 512 tokens
-    from a tokenizer (the end of the default text, as calibration's, never the perplexity
-    windows), or the calibration batches as given."""
+    from a tokenizer (from the end of the default text, before GPTQ's calibration windows,
+    never the perplexity windows), or the calibration batches as given."""
     if not isinstance(calibration, (list, tuple)):
-        calibration = text_batches(calibration, n=TUNE_WINDOWS, seq_len=512)
+        calibration = text_batches(calibration, n=TUNE_WINDOWS, seq_len=512, skip=TUNE_SKIP)
     return calibration_inputs(calibration, spec)
 
 

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from ..ir import Graph, Node
 
-#: Adam's first step size on u (scale = s·exp(u)): about 0.1% of a scale per step.
-LEARNING_RATE = 1e-3
+#: Adam's first step size on u (scale = s·exp(u)): about 0.2% of a scale per step.
+LEARNING_RATE = 2e-3
 #: Scale dtypes tuned (`Scaling.scale`); e8m0 and fp8e4m3 scales are left as they are.
 TUNED_SCALES = ("f16", "f32")
 

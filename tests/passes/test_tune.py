@@ -182,8 +182,9 @@ def test_the_plan_keeps_its_tuning_steps_in_json():
     assert "scales tuned 64 steps" in plan.explain()
 
 
-def test_a_tokenizer_gives_the_tune_pass_33_windows_from_the_end_of_the_text(captured_tiny_llama):
-    from mxc.driver import TUNE_WINDOWS, calibration_inputs, tune_inputs
+def test_a_tokenizer_gives_the_tune_pass_33_windows_before_gptqs(captured_tiny_llama):
+    from mxc.calibrate import text_batches
+    from mxc.driver import TUNE_SKIP, TUNE_WINDOWS, calibration_inputs, tune_inputs
     from mxc.eval import default_text
 
     class Chars:  # one token per character, ids below the tiny Llama's 131
@@ -194,6 +195,8 @@ def test_a_tokenizer_gives_the_tune_pass_33_windows_from_the_end_of_the_text(cap
     got = tune_inputs(Chars(), spec)
     ids = torch.tensor(Chars().encode(default_text()))
     assert TUNE_WINDOWS == 33 and len(got) == 33
-    assert torch.equal(torch.cat([b[0][0] for b in got]), ids[-33 * 512:])  # the end of the text, in order
+    # the text just before the calibration windows GPTQ fits to (the last 8 × 512 tokens), in order
+    assert TUNE_SKIP == 8 * 512 and torch.equal(torch.cat(text_batches(Chars())), ids[-TUNE_SKIP:])
+    assert torch.equal(torch.cat([b[0][0] for b in got]), ids[-33 * 512 - TUNE_SKIP:-TUNE_SKIP])
     given = [torch.randint(0, 131, (2, 20))]
     assert [b[0] for b in tune_inputs(given, spec)] == [b[0] for b in calibration_inputs(given, spec)]
