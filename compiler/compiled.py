@@ -225,7 +225,8 @@ class CompiledModel:
         smoothed = dict(self.graph.meta.get("smoothed", {}))
         return Report(
             self.graph.name, self.backend, counts, fallbacks, plain + packed, self.timings, layers, plain + before, name,
-            smoothed, dict(self.pipeline), pass_effects(self.graph, layers), dict(self.graph.meta.get("tuned", {})),
+            smoothed, dict(self.pipeline), pass_effects(self.graph, layers),
+            dict(self.graph.meta.get("tuned", {})),
         )
 
     def __repr__(self) -> str:

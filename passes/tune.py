@@ -7,11 +7,12 @@ GPTQ and the clipping search choose each weight's codes and scales layer by laye
 against that layer's own output error. What the user pays for is the model's: the KL of its
 next-token distributions against the float model's. This pass keeps every code and zero point
 the quantize pass chose and moves only the scales, jointly for the whole model, by gradient
-descent (Adam, the step size decaying along a cosine to 0) on the mean KL(p_float ‖ p_quant) over every position of calibration text —
-the end-to-end stage of EfficientQAT ("E2E-QP"), on the reference backend. Each scale s is
-refitted as s·exp(u), u starting at 0; at the end it is rounded to the dtype the format
-stores it in (f16 for the integer formats), as the quantize pass rounds it. Number formats,
-bytes and kernels are unchanged: the plan and the model size are exactly what they were.
+descent (Adam, the step size decaying along a cosine to 0) on the mean KL(p_float ‖ p_quant)
+over every position of calibration text — the end-to-end stage of EfficientQAT ("E2E-QP"),
+on the reference backend. Each scale s is refitted as s·exp(u), u starting at 0; at the end
+it is rounded to the dtype the format stores it in (f16 for the integer formats), as the
+quantize pass rounds it. Number formats, bytes and kernels are unchanged: the plan and the
+model size are exactly what they were.
 
 Which scales: those of every `dequantize` of a constant weight whose format stores f16 or
 f32 scales. E8M0 (mxfp4) and FP8 (nvfp4) scales are steps of a coarse grid, not a
@@ -21,9 +22,11 @@ Quantized activations and KV cache (a `quantize` computed at run time) round, an
 has no gradient: the gradient passes them straight through (STE), as if they were the
 identity; their values in the forward pass are the quantized ones.
 
-The text: `batches` (lists of graph inputs, as calibration takes them); each step is one
+The text: `batches` (lists of graph inputs, as calibration takes them; from a tokenizer
+`mxc.compile` cuts the 33×512 tokens just before the calibration windows GPTQ fits the layers
+to, on which the quantized model's error looks smaller than on other text); each step is one
 window (one row of a batch), in order, cycling. With two or more windows, the first is held
-out (a tokenizer's first window lies before the 8 that GPTQ fitted the layers to): its KL is measured before and after, and if tuning made it worse the original scales
+out: its KL is measured before and after, and if tuning made it worse the original scales
 are kept (`meta["tuned"]["kept"]` says which). `teacher` is the float graph (before any
 pass: the captured one), run on the same executor for the reference distributions.
 

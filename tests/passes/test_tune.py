@@ -2,9 +2,9 @@
 
 Checked on a random tiny Llama (hidden 72, MLP 100: group 24 leaves a short last block in
 every down_proj row; its lm_head scaled up so that its next-token distributions are as
-peaked as a trained model's, not nearly uniform) against what the pass promises: the held-out KL falls; only scales
-change (codes, zero points, every other constant, the formats and the bytes stay bit for
-bit); the tuned scales are f16 values as the format stores them; quantized activations pass
+peaked as a trained model's, not nearly uniform) against what the pass promises: the
+held-out KL falls; only scales change (codes, zero points, every other constant, the formats
+and the bytes stay bit for bit); the tuned scales are f16 values as the format stores them; quantized activations pass
 gradients straight through; a step that makes things worse is refused; bad input is named."""
 
 from __future__ import annotations
