@@ -85,6 +85,7 @@ def test_compile_with_scale_tuning(model_dir, tmp_path):
     assert code == 0, stderr
     assert json.loads((tmp_path / "t" / "plan.json").read_text())["tune"] == 3
     assert "scales tuned: 14 tensors, 3 steps on 2 windows (64 tokens); held-out KL" in stdout
+    assert str(mxc.load(tmp_path / "t").report()) in stdout  # the artifact keeps what tuning did
 
 
 def test_compile_with_backend_auto_picks_reference_without_a_gpu(model_dir, tmp_path):
