@@ -20,7 +20,7 @@ from .passes.calibrate import PERCENTILES
 from .passes.calibrate import Calibration as _Calibration, calibrate as _calibrate, collect as _collect
 from .runtime import ReferenceExecutor
 
-__all__ = ["PERCENTILES", "Calibration", "calibrate", "collect", "executor", "text_batches"]
+__all__ = ["CALIBRATION_WINDOWS", "PERCENTILES", "Calibration", "calibrate", "collect", "executor", "text_batches"]
 
 
 def executor(graph: Graph) -> ReferenceExecutor:
@@ -43,8 +43,14 @@ def collect(graph: Graph, batches: Iterable[Sequence[torch.Tensor]], **kw: Any) 
     return _collect(graph, batches, executor=kw.pop("executor", executor), **kw)
 
 
-def text_batches(tokenizer: Any, *, n: int = 8, seq_len: int = 512, text: str | None = None,
-                 skip: int = 0) -> list[torch.Tensor]:
+#: (count, tokens) of the windows a tokenizer gives calibration by default: the last 8 × 512
+#: tokens of the text, which GPTQ fits the layers to (sensitivity and tuning text is held out
+#: from them).
+CALIBRATION_WINDOWS = (8, 512)
+
+
+def text_batches(tokenizer: Any, *, n: int = CALIBRATION_WINDOWS[0], seq_len: int = CALIBRATION_WINDOWS[1],
+                 text: str | None = None, skip: int = 0) -> list[torch.Tensor]:
     """`n` windows of `seq_len` tokens of real text, from the end of the default text, the
     last `skip` tokens left out: `text_batches(tok, n=4, seq_len=128, skip=8 * 512)` is text
     held out from the default calibration windows (8 × 512, the last 4096 tokens)."""

@@ -20,7 +20,7 @@ from .frontends.onnx import is_onnx, load_onnx
 from .frontends.torch_export import capture
 from .ir import flags
 from .passes import run_pipeline
-from .calibrate import executor as calibration_executor, text_batches
+from .calibrate import CALIBRATION_WINDOWS, executor as calibration_executor, text_batches
 from .plan import Plan
 from .signature import CallSpec
 from .runtime import BACKENDS
@@ -35,7 +35,7 @@ QUANT_PIPELINE = ["canonicalize", "calibrate", "smooth", "reorder", "quantize", 
 #: the quantized model's error is smaller than on any other text); the first window is held
 #: out to check the result. Token-id calibration batches are used as given.
 TUNE_WINDOWS = 33
-TUNE_SKIP = 8 * 512  # what `text_batches(tokenizer)` gives calibration
+TUNE_SKIP = CALIBRATION_WINDOWS[0] * CALIBRATION_WINDOWS[1]  # what `text_batches(tokenizer)` gives calibration
 
 
 def compile(  # noqa: A001 - the public name mirrors torch.compile

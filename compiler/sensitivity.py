@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibrate import Calibration, text_batches
+from .calibrate import CALIBRATION_WINDOWS, Calibration, text_batches
 from .ir import Graph, Node, NumberFormat, parse_format
 from .passes.allocate import Choice
 from .passes.clip import output_error
@@ -102,7 +102,6 @@ CHECK_TOKENS = 1024
 #: statistics: GPTQ fits a layer to its calibration inputs, and scored on the same text its
 #: error would look smaller than on any other (most so at 2 and 3 bits).
 WINDOWS = (2, 128)
-CALIBRATION_WINDOWS = (8, 512)
 #: The weight format of outlier channels: the quantize pass's default `outlier_format`.
 OUTLIER_FORMAT = parse_format(DEFAULT_OUTLIER_FORMAT["weight"])
 #: Bytes per input channel of the int64 gather index [K] the reorder pass keeps for outlier
