@@ -117,7 +117,9 @@ def tune(
         stash.clear()
         return _kl(run.outputs(), ref)
 
-    before = None if held is None else float(_kl(student(held), reference(held)))
+    with torch.no_grad():
+        held_ref = None if held is None else reference(held)  # the float model's, before and after
+    before = None if held is None else float(_kl(student(held), held_ref))
     opt = torch.optim.Adam(list(u.values()), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)  # to 0 at the last step
     losses = []
@@ -133,7 +135,7 @@ def tune(
         tuned = {k: fmts[k]._store_scale(base[k] * torch.exp(u[k])).to(graph.weights[k].dtype) for k in names}
     weights = {**graph.weights, **tuned}
     out = graph.replace(weights=weights)
-    after = None if held is None else float(_kl(executor(out)(held), reference(held)))
+    after = None if held is None else float(_kl(executor(out)(held), held_ref))
     kept = after is not None and after > before
     if kept:
         warnings.warn(f"tune: the held-out KL rose from {before:.4g} to {after:.4g} nats/token after {steps} steps, "
